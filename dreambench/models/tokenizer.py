@@ -1,0 +1,67 @@
+"""A small CLIP BPE tokenizer that the project builds itself (no download).
+
+It has CLIP's byte-level alphabet (256 bytes, each also in its end-of-word form) and one merge chain per
+word of a fixed word list (every word of the DreamBench prompts and classes, plus common identifiers), so
+prompts encode to a handful of tokens and any other text still encodes, character by character.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+# Words that appear in DreamBench prompts, classes and the usual identifiers.
+WORDS = """
+a an the of in on with and at to top it its around background photo picture
+jungle snow beach cobblestone street pink fabric wooden floor city mountain blue house purple rug forest
+wheat field tree autumn leaves eiffel tower floating water ocean milk green grass sunflowers mirror
+sidewalk crowded dirt road white red shiny wet cube shaped wearing hat santa rainbow scarf black
+monocle chef outfit firefighter police glasses yellow shirt wizard
+backpack stuffed animal bowl can candle cat clock sneaker dog toy boot cartoon teapot vase
+sks xjy zwx olis qwe vbn rare
+""".split()
+
+
+@lru_cache(maxsize=None)
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's (and GPT-2's) reversible byte -> printable-unicode table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_vocab_and_merges(words: list[str] = WORDS) -> tuple[dict[str, int], list[str]]:
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        if not re.fullmatch(r"[a-z]+", word) or len(word) < 2:
+            continue
+        # Merge left to right: "d o" -> "do", "do g</w>" -> "dog</w>".
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        acc = parts[0]
+        for nxt in parts[1:]:
+            merge = f"{acc} {nxt}"
+            acc = acc + nxt
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(acc)
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def build_tiny_tokenizer(save_dir: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:
+    vocab, merges = tiny_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length)
+    if save_dir is not None:
+        tok.save_pretrained(str(save_dir))
+    return tok
