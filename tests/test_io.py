@@ -109,9 +109,18 @@ for i in itertools.count():
 """
 
 
+def read_complete(path):
+    obj = json.loads(path.read_text())
+    assert hashlib.sha256(obj["body"].encode()).hexdigest() == obj["sha256"]
+    assert obj["body"].startswith(f"{obj['version']:08d}")
+    return obj["version"]
+
+
 def test_sigkill_mid_write_never_leaves_a_torn_file(tmp_path):
     # A real crash: a writer process rewrites a ~4 MB file in a loop and is SIGKILLed at a random moment,
-    # several times over the same file. Whatever is on disk must parse and match its own checksum.
+    # several times over the same file. Whatever is on disk must parse and match its own checksum, both
+    # after each kill and for a reader polling the file while the writer runs (a plain open("w") writer
+    # fails this within a round or two).
     path = tmp_path / "state.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     rng = random.Random(0)
@@ -121,16 +130,15 @@ def test_sigkill_mid_write_never_leaves_a_torn_file(tmp_path):
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"
-            time.sleep(rng.uniform(0.0, 0.3))
+            deadline = time.monotonic() + rng.uniform(0.05, 0.3)
+            while time.monotonic() < deadline:
+                versions.append(read_complete(path))
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             proc.stdout.close()
         assert proc.returncode == -signal.SIGKILL  # it was killed, not finished
-        obj = json.loads(path.read_text())
-        assert hashlib.sha256(obj["body"].encode()).hexdigest() == obj["sha256"]
-        assert obj["body"].startswith(f"{obj['version']:08d}")
-        versions.append(obj["version"])
+        versions.append(read_complete(path))
     assert max(versions) > 0  # it really rewrote the file, not just kept version 0
 
 
