@@ -81,3 +81,12 @@ def test_tiny_tokenizer():
     assert lo <= token_id(tok, s) < hi
     assert {"xjy", "zwx", "qwe", "vbn"} <= set(rare_candidates(tok))
     assert resolve_identifier("rare", tok, seed=1) == pick_rare_identifier(tok, seed=1)
+
+
+def test_whole_vocabulary_gives_letters_only(clip):
+    # The full range holds digits, punctuation, accents and emoji that also encode as one token each.
+    for s in ("7", "!", "é", "🐶"):
+        token_id(clip, s)
+    cands = rare_candidates(clip, rare_range=(0, 49406))
+    assert len(cands) > 3000
+    assert all(re.fullmatch(r"[a-z]{1,3}", s) for s in cands)
