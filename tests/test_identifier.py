@@ -16,7 +16,8 @@ def clip():
         pytest.skip(f"real CLIP vocabulary not at {CLIP_DIR}")
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"), pad_token="<|endoftext|>")
+    return CLIPTokenizer(str(CLIP_DIR / "vocab.json"), str(CLIP_DIR / "merges.txt"),
+                         pad_token="<|endoftext|>")
 
 
 def token_id(tok, s):

@@ -9,7 +9,8 @@ from PIL import Image, ImageFile
 
 from dreambench.data.images import BadImageError, load_image, validate_image_folder
 
-DATA = Path(os.environ.get("DREAMBENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "dreambench-dataset"))
+DATA = Path(os.environ.get("DREAMBENCH_DATA",
+                           Path(__file__).resolve().parents[2] / "shared" / "dreambench-dataset"))
 MIN = 32  # stands in for the training resolution
 BOMB_LIMIT = 5000  # px; every good test image is below it
 
@@ -115,7 +116,8 @@ def make_hidden(d):
     (d / "._good.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 60)  # macOS AppleDouble fork
 
 
-GOOD = ["camera.jpg", "cmyk.jpg", "good.jpg", "gray.png", "gray16.png", "palette.png", "rgba.png", "rotated.jpg"]
+GOOD = ["camera.jpg", "cmyk.jpg", "good.jpg", "gray.png", "gray16.png", "palette.png", "rgba.png",
+        "rotated.jpg"]
 BAD = {
     "truncated.jpg": "truncated",
     "corrupt.jpg": "corrupt",
@@ -251,7 +253,8 @@ def test_skip_returns_exactly_the_good_ones_sorted(folder, caplog):
         good = validate_image_folder(folder, MIN, on_bad="skip")
     assert [p.name for p in good] == GOOD
     assert all(p.parent == folder for p in good)
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "dreambench"]
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and r.name == "dreambench"]
     assert len(warned) == len(BAD)
     for name in BAD:
         assert any(name in m for m in warned), name
@@ -292,7 +295,7 @@ def test_all_bad_with_skip_still_fails(tmp_path):
     assert [p.name for p, _ in e.value.problems] == ["notes.txt"]
 
 
-# --- real photos ---------------------------------------------------------------------------------------------
+# --- real photos ------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not (DATA / "dog").is_dir(), reason=f"DreamBench dataset not at {DATA}")
 def test_real_dreambench_photos():
@@ -305,4 +308,5 @@ def test_real_dreambench_photos():
         assert im.mode == "RGB" and im.size == expected
         assert np.asarray(im).std() > 10  # a real photo, not a grey fill
     good = validate_image_folder(DATA / "dog", 512)
-    assert [p.name for p in good] == sorted(p.name for p in (DATA / "dog").iterdir() if not p.name.startswith("."))
+    expected = sorted(p.name for p in (DATA / "dog").iterdir() if not p.name.startswith("."))
+    assert [p.name for p in good] == expected

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreambench.utils.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, safe_rmtree
+from dreambench.utils.io import (atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                                 safe_rmtree)
 
 REPO = Path(__file__).resolve().parents[1]
 

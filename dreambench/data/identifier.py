@@ -1,4 +1,4 @@
-"""The subject's identifier token: DreamBooth's rare-token lookup ("Rare-token Identifiers", §3.2 of the paper).
+"""The subject's identifier token: DreamBooth's rare-token lookup ("Rare-token Identifiers", paper §3.2).
 
 The identifier should be a word the text encoder has a weak prior for, so fine-tuning binds it to the subject
 instead of fighting (or leaking) an existing meaning. The paper samples tokens of <= 3 characters uniformly
@@ -11,8 +11,8 @@ import random
 import re
 
 # Short tokens with a strong prior meaning, excluded even when they sit in the rare range. "sks" is the
-# community default and an SKS rifle, which leaks into samples; the rest: weapons, sex and slurs, countries and
-# currencies, web/tech words, and the few loaded ones found in CLIP's last 5000 ids (an animal, brands,
+# community default and an SKS rifle, which leaks into samples; the rest: weapons, sex and slurs, countries
+# and currencies, web/tech words, and the few loaded ones found in CLIP's last 5000 ids (an animal, brands,
 # diseases, a president, games).
 BLOCKLIST = frozenset("""
 sks ak ar gun mg war kkk sex xxx ass cum fck jap wtf omg lol ok
@@ -54,8 +54,8 @@ def rare_candidates(tokenizer, max_chars: int = 3, rare_range: tuple[int, int] |
     return [s for _, s in sorted(out)]  # sorted by id: the draw below depends only on the seed
 
 
-def pick_rare_identifier(tokenizer, seed: int = 0, max_chars: int = 3, rare_range: tuple[int, int] | None = None,
-                         blocklist=BLOCKLIST) -> str:
+def pick_rare_identifier(tokenizer, seed: int = 0, max_chars: int = 3,
+                         rare_range: tuple[int, int] | None = None, blocklist=BLOCKLIST) -> str:
     candidates = rare_candidates(tokenizer, max_chars, rare_range, blocklist)
     if not candidates:
         raise ValueError(f"no single-token word of <= {max_chars} lowercase letters in id range "

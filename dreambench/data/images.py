@@ -49,7 +49,8 @@ def _to_rgb(im: Image.Image, path: Path) -> Image.Image:
         return Image.fromarray(a8, mode="L").convert("RGB")
     if mode == "F":
         # Float TIFFs have no agreed range (0..1? 0..255? HDR?), so guessing would be silently wrong.
-        raise BadImageError([(path, "32-bit float image: no agreed value range; convert it to 8-bit RGB first")])
+        raise BadImageError([(path, "32-bit float image: no agreed value range; "
+                                    "convert it to 8-bit RGB first")])
     if "A" in mode or "a" in mode or "transparency" in im.info:
         # RGBA, LA, PA, RGBa, and P/L/RGB with a tRNS transparent colour: composite on the background, since
         # convert("RGB") would expose whatever colour the transparent pixels happen to store.

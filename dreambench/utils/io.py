@@ -111,8 +111,9 @@ def _remove(path: Path) -> None:
 def atomic_dir(final_path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; on success it becomes final_path (replacing any old one).
 
-    POSIX cannot rename a folder over a non-empty one, so the old folder is first moved aside: a crash between
-    the two renames leaves `<name>.old-*` and `<name>.tmp-*` next to a missing final name, never a mixed folder.
+    POSIX cannot rename a folder over a non-empty one, so the old folder is first moved aside: a crash
+    between the two renames leaves `<name>.old-*` and `<name>.tmp-*` next to a missing final name, never a
+    mixed folder.
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
