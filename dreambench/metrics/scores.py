@@ -46,7 +46,7 @@ class PerSubjectMean(Metric):
                 "per_subject": per_subject}
 
     def per_subject(self) -> dict[str, float]:
-        values = self.compute()["per_subject"]
+        values = self.compute()["per_subject"].reshape(-1)  # torchmetrics squeezes a 1-subject list
         return {s: float(values[i]) for i, s in enumerate(self.subjects) if self.count[i] > 0}
 
 
