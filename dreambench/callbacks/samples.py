@@ -1,0 +1,63 @@
+"""Fixed-seed sample grids at step 0, every N steps and at the end: the first thing a person looks at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from dreambench.sampling import generate, image_grid
+
+
+class SampleGrid(L.Callback):
+    def __init__(self, folder: str | Path, every_n_steps: int = 200, prompts: list[str] | None = None,
+                 seeds: list[int] = (0, 1), batch_size: int = 4):
+        self.folder, self.every = Path(folder), int(every_n_steps)
+        self.prompts, self.seeds, self.batch_size = prompts, list(seeds), batch_size
+        self._last_step = -1
+
+    def _prompts(self, pl_module) -> list[str]:
+        # The instance prompt, a few DreamBench contexts (recontextualisation) and the bare class prompt
+        # (language drift shows there first).
+        if self.prompts:
+            return [p.format(identifier=pl_module.identifier, class_noun=pl_module.run_cfg.data.class_noun)
+                    for p in self.prompts]
+        return [pl_module.instance_prompt, f"{pl_module.instance_prompt} on the beach",
+                f"{pl_module.instance_prompt} in the snow", pl_module.class_prompt]
+
+    @torch.no_grad()
+    def render(self, trainer: L.Trainer, pl_module) -> Path | None:
+        step = trainer.global_step
+        if step == self._last_step or not trainer.is_global_zero:
+            return None
+        self._last_step = step
+        prompts = self._prompts(pl_module)
+        pairs = [(p, s) for p in prompts for s in self.seeds]
+        unet_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            pipe = pl_module.sampling_pipeline()
+            with pl_module._precision():
+                images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], pl_module.run_cfg.guidance,
+                                  batch_size=self.batch_size, progress=False)
+        finally:
+            pl_module.unet.train(unet_training)
+        grid = image_grid(images, cols=len(self.seeds) * 2, labels=[p for p, _ in pairs])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step_{step:06d}.png"
+        grid.save(path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # W&B
+                logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
+        return path
+
+    def on_train_start(self, trainer, pl_module):
+        self.render(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step > 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.render(trainer, pl_module)

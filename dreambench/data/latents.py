@@ -1,0 +1,84 @@
+"""Cached latents of the subject and class images, and the deterministic order in which steps draw them.
+
+Latents are computed once from un-augmented images (plus their mirror images when `data.hflip`), as the
+VAE's latent distribution (mean, std); each step samples from it, as encoding the image every step would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreambench.data.images import load_image
+
+
+def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Short side to `resolution` (bicubic, antialiased), centre crop; -> [3, H, W] float in [-1, 1]."""
+    w, h = image.size
+    s = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = image.size
+    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
+def latent_scale(vae) -> float:
+    # SD's 0.18215 (SD 1.x/2.x), 0.13025 (SDXL): latents are multiplied by it after encoding.
+    return float(vae.config.scaling_factor)
+
+
+@torch.no_grad()
+def encode_latent_dist(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [N, 3, H, W] in [-1, 1] -> (mean, std) of the scaled latent distribution, each [N, C, H/f, W/f]."""
+    p = next(vae.parameters())
+    means, stds = [], []
+    for i in range(0, len(pixels), batch_size):
+        dist = vae.encode(pixels[i:i + batch_size].to(p.device, p.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    k = latent_scale(vae)
+    return torch.cat(means) * k, torch.cat(stds) * k
+
+
+class LatentBank:
+    """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @classmethod
+    def from_paths(cls, vae, paths: Sequence[Path], resolution: int, center_crop: bool = True,
+                   hflip: bool = False, batch_size: int = 8) -> "LatentBank":
+        pixels = torch.stack([preprocess(load_image(p), resolution, center_crop) for p in paths])
+        if hflip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        return cls(*encode_latent_dist(vae, pixels, batch_size))
+
+    def to(self, device) -> "LatentBank":
+        return LatentBank(self.mean.to(device), self.std.to(device))
+
+    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[idx], self.std[idx]
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def draw_indices(n: int, seed: int, positions: Sequence[int]) -> list[int]:
+    """Image index for each global draw position: epoch e = pos // n visits every image once, in the order
+    of a permutation seeded by (seed, e). A pure function of the position, so resuming at any step draws
+    exactly what an uninterrupted run would, with no data-loader state to save."""
+    out, perms = [], {}
+    for pos in positions:
+        e, j = divmod(int(pos), n)
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + e)).tolist()
+        out.append(perms[e][j])
+    return out

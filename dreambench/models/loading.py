@@ -1,0 +1,118 @@
+"""Load Stable Diffusion components by hub id or local diffusers folder, safetensors only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger("dreambench")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # the training-time forward process
+    scheduler_config: dict[str, Any]  # the base model's own scheduler config, for sampling schedulers
+    identity: dict[str, Any]  # what identifies the base model (class-image cache key)
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
+
+
+def check_model_ref(ref: str, revision: str | None = None) -> None:
+    """Fail fast, before anything heavy is loaded, on a model that is not there."""
+    if not ref:
+        raise ModelNotFoundError("model.pretrained is empty: give a hub id or a local diffusers folder")
+    if _looks_local(ref):
+        p = Path(ref).expanduser()
+        if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
+            raise ModelNotFoundError(f"model.pretrained={ref}: no diffusers model folder there "
+                                     f"(expected model_index.json and unet/, vae/, text_encoder/, tokenizer/)")
+        return
+    from huggingface_hub import hf_hub_download
+    try:  # a few KB; with no network and no cache this fails in seconds instead of mid-run
+        hf_hub_download(ref, "model_index.json", revision=revision)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(f"model.pretrained={ref}: cannot reach it on the hub nor in the local cache "
+                                 f"({e.__class__.__name__}); download it once or point model.pretrained at a "
+                                 f"local diffusers folder") from None
+
+
+def model_identity(ref: str, revision: str | None, variant: str | None) -> dict[str, Any]:
+    """What must change when the base model changes: the hub id + revision, or, for a local folder, a digest
+    of its configs and of the size and mtime of its weight files (hashing gigabytes would cost minutes)."""
+    ident: dict[str, Any] = {"ref": ref, "revision": revision, "variant": variant}
+    if _looks_local(ref):
+        root = Path(ref).expanduser().resolve()
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(root).as_posix()
+                if f.suffix == ".json" or f.name.endswith((".txt",)):
+                    h.update(rel.encode() + f.read_bytes())
+                else:
+                    st = f.stat()
+                    h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}".encode())
+        ident["ref"] = str(root)
+        ident["digest"] = h.hexdigest()
+    return ident
+
+
+def load_components(ref: str, revision: str | None = None, variant: str | None = None,
+                    allow_pickle: bool = False, prediction_type: str | None = None) -> Components:
+    check_model_ref(ref, revision)
+    if allow_pickle:
+        log.warning("model.allow_pickle=true: pickle weight files may be loaded; they can run arbitrary code. "
+                    "Use only files you trust.")
+    st: bool | None = None if allow_pickle else True  # True: diffusers/transformers refuse non-safetensors
+    kw = dict(revision=revision, use_safetensors=st)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", variant=variant, **kw)
+        sched_cfg = dict(DDPMScheduler.load_config(ref, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError, EnvironmentError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ModelNotFoundError(f"could not load model {ref}: {msg}"
+                                 + ("" if allow_pickle else " (only safetensors weights are loaded; "
+                                    "model.allow_pickle=true accepts pickle files you trust)")) from None
+    if prediction_type:  # e.g. sd21 at 768 px is a v-prediction model
+        sched_cfg["prediction_type"] = prediction_type
+    noise_scheduler = DDPMScheduler.from_config(sched_cfg)
+    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, sched_cfg,
+                      model_identity(ref, revision, variant))
+
+
+def resolve_model_ref(model_cfg: Any) -> str:
+    """`model=tiny` builds its folder on first use; every model is then loaded by the same code."""
+    ref = str(model_cfg.pretrained)
+    if model_cfg.get("build_tiny"):
+        from dreambench.models.tiny import ensure_tiny_model
+        ensure_tiny_model(ref)
+    return ref
+
+
+def describe(components: Components) -> str:
+    n = sum(p.numel() for p in components.unet.parameters())
+    return (f"UNet {n / 1e6:.1f} M params, prediction {components.noise_scheduler.config.prediction_type}, "
+            f"latent scale {components.vae.config.scaling_factor}")
+
+
+def json_identity(ident: dict[str, Any]) -> str:
+    return json.dumps(ident, sort_keys=True)

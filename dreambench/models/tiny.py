@@ -1,0 +1,86 @@
+"""`model=tiny`: a seeded, randomly initialised Stable Diffusion small enough for CPU tests and smoke runs.
+
+It is saved once in the diffusers folder format (safetensors) and then loaded through the same
+`from_pretrained` code as `model=sd15`, so tests exercise the real loading path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreambench.models.tokenizer import build_tiny_tokenizer
+
+TINY_VERSION = 2  # bump when the architecture or construction changes: the folder name carries it
+RESOLUTION = 32  # px; the VAE downsamples 2x, so latents are 4 x 16 x 16
+
+
+def _synthetic_images(n: int, size: int, seed: int) -> torch.Tensor:
+    # Flat backgrounds with a coloured disc or square: what a tiny subject photo looks like. [-1, 1], NCHW.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        bg, fg = rng.uniform(-1, 1, 3), rng.uniform(-1, 1, 3)
+        cx, cy, r = rng.uniform(0.3, 0.7, 2).tolist() + [rng.uniform(0.15, 0.3)]
+        mask = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) if i % 2 else (abs(xx - cx) < r) & (abs(yy - cy) < r)
+        out[i] = np.where(mask[None], fg[:, None, None], bg[:, None, None])
+    return torch.from_numpy(out)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    # SD's own noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), epsilon prediction, and the
+    # scheduler class SD 1.5 ships with.
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+    # The latent scaling factor is chosen as SD's 0.18215 was: 1 / std of the latents of typical images,
+    # so the diffusion process sees unit-variance latents.
+    with torch.no_grad():
+        std = vae.encode(_synthetic_images(64, RESOLUTION, seed)).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model into `folder` unless a complete one is there; returns the folder."""
+    folder = Path(folder).expanduser()
+    marker = folder / "tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+        return folder
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+    (tmp / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # an older or partial build: it is ours to replace
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

@@ -1,0 +1,203 @@
+"""The DreamBooth LightningModule: wires the pure functions of `losses` to the model components."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from dreambench import losses
+from dreambench.data.latents import LatentBank, draw_indices
+from dreambench.models.loading import Components
+from dreambench.prior import PriorContext
+from dreambench.sampling import build_pipeline, generate, make_scheduler
+
+log = logging.getLogger("dreambench")
+
+
+class DreamBoothModule(L.LightningModule):
+    def __init__(self, components: Components, cfg: DictConfig, instance_paths: list[Path], prior: Any,
+                 identifier: str, subject: Any = None):
+        super().__init__()
+        # No save_hyperparameters: it would embed the modules in every checkpoint.
+        self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.noise_scheduler = components.noise_scheduler
+        self.components = components
+        self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
+        self.instance_paths = list(instance_paths)
+        self.train_text_encoder = bool(cfg.model.train_text_encoder)
+        fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
+        self.instance_prompt = " ".join(cfg.data.instance_prompt.format(**fmt).split())
+        self.class_prompt = " ".join(cfg.data.class_prompt.format(**fmt).split())
+        self.prediction_type = components.noise_scheduler.config.prediction_type
+        self.register_buffer("alphas_cumprod", components.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(self.train_text_encoder)
+        self.text_encoder.train(self.train_text_encoder)
+        self.unet.requires_grad_(True).train()
+        if cfg.model.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        if cfg.model.attention == "eager":  # default diffusers processors use SDPA (torch >= 2)
+            from diffusers.models.attention_processor import AttnProcessor
+            self.unet.set_attn_processor(AttnProcessor())
+        # Lightning restores checkpoints with only the trained weights (see on_save_checkpoint).
+        self.strict_loading = False
+        self.noise_generator: torch.Generator | None = None
+        self._pending_rng: dict[str, Any] | None = None
+
+    # ---- set-up: class images, cached latents and text embeddings -------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or getattr(self, "instance_bank", None) is not None:
+            return
+        trainer = self.trainer
+        device = trainer.strategy.root_device
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device)
+        cfg = self.run_cfg
+        res = int(cfg.data.resolution)
+        guidance = dict(cfg.guidance)
+        ctx = PriorContext(
+            class_prompt=self.class_prompt, resolution=res, guidance=guidance,
+            model_identity=self.components.identity, scheduler_config=self.components.scheduler_config,
+            make_render=lambda: self._render_fn(guidance), rank=trainer.global_rank,
+            world_size=trainer.world_size, barrier=trainer.strategy.barrier,
+            progress=trainer.is_global_zero and cfg.get("progress", True),
+        )
+        # Class images come from the base model: made here, before any step and before a checkpoint is
+        # restored (Lightning restores after setup), so a resumed run never renders them from tuned weights.
+        class_paths = self.prior.class_images(ctx)
+        with self._precision():
+            self.instance_bank = LatentBank.from_paths(self.vae, self.instance_paths, res, cfg.data.center_crop,
+                                                       cfg.data.hflip)
+            self.class_bank = (LatentBank.from_paths(self.vae, class_paths, res, cfg.data.center_crop, cfg.data.hflip)
+                               if class_paths else None)
+        self.instance_ids = self._tokenize(self.instance_prompt).to(device)
+        self.class_ids = self._tokenize(self.class_prompt).to(device)
+        if not self.train_text_encoder:  # frozen text encoder: embeddings once, not every step
+            with torch.no_grad():
+                self.instance_emb = self.text_encoder(self.instance_ids)[0].float()
+                self.class_emb = self.text_encoder(self.class_ids)[0].float()
+        # Noise and timesteps come from one generator per rank whose state travels in the checkpoint.
+        self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
+        log.info("instance prompt %r, class prompt %r, %d instance / %d class latents", self.instance_prompt,
+                 self.class_prompt, len(self.instance_bank), len(self.class_bank) if self.class_bank else 0)
+
+    def _tokenize(self, prompt: str) -> torch.Tensor:
+        return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def _precision(self):
+        try:
+            return self.trainer.precision_plugin.forward_context()
+        except RuntimeError:  # not attached to a trainer
+            return contextlib.nullcontext()
+
+    def _render_fn(self, guidance: dict[str, Any]):
+        pipe = self.sampling_pipeline(guidance)
+        batch = int(self.run_cfg.prior.get("batch_size", 4))
+
+        def render(prompts: list[str], seeds: list[int]):
+            with self._precision():
+                return generate(pipe, prompts, seeds, guidance, batch_size=batch, progress=False)
+        return render
+
+    def sampling_pipeline(self, guidance: dict[str, Any] | None = None):
+        g = dict(guidance or self.run_cfg.guidance)
+        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
+                              make_scheduler(g["scheduler"], self.components.scheduler_config))
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        cfg = self.run_cfg
+        accum = max(1, int(self.trainer.accumulate_grad_batches))
+        b = int(cfg.data.batch_size)
+        micro = self.global_step * accum + batch_idx % accum
+        base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
+        positions = range(base, base + b)
+        seed = int(cfg.seed)
+        inst = self.instance_bank.sample(torch.tensor(draw_indices(len(self.instance_bank), seed, positions)),
+                                         self.noise_generator)
+        ids = [self.instance_ids] * b
+        embs = [self.instance_emb] * b if not self.train_text_encoder else None
+        latents = inst
+        if self.class_bank is not None:
+            cls = self.class_bank.sample(torch.tensor(draw_indices(len(self.class_bank), seed + 1, positions)),
+                                         self.noise_generator)
+            latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
+            ids += [self.class_ids] * b
+            if embs is not None:
+                embs += [self.class_emb] * b
+        if embs is not None:
+            cond = torch.cat(embs)
+        else:
+            cond = self.text_encoder(torch.cat(ids))[0]
+        return latents, cond, b
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        latents, cond, n_inst = self._draw(batch_idx)
+        g = self.noise_generator
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
+                          device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy, t, cond).sample
+        target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
+        loss, loss_inst, loss_prior = losses.prior_preservation_loss(pred, target, n_inst, self.prior.weight)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss_instance", loss_inst)
+        if self.class_bank is not None:
+            self.log("train/loss_prior", loss_prior)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.run_cfg
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": float(cfg.optimizer.lr)}]
+        if self.train_text_encoder:
+            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+                           "lr": float(cfg.model.text_encoder_lr)})
+        optimizer = instantiate(cfg.optimizer)(groups)
+        from diffusers.optimization import get_scheduler
+        sched = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.lr_warmup_steps),
+                              num_training_steps=int(cfg.trainer.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self):
+        # Batches are drawn from the cached latents in training_step by global step (see _draw); the loader
+        # only paces the loop. One epoch is the whole run.
+        n = int(self.trainer.max_steps) * max(1, int(self.trainer.accumulate_grad_batches))
+        return torch.utils.data.DataLoader(torch.arange(n), batch_size=None, shuffle=False)
+
+    # ---- checkpoints hold what was trained ------------------------------------------------------------
+    def trained_prefixes(self) -> tuple[str, ...]:
+        return ("unet.", "text_encoder.") if self.train_text_encoder else ("unet.",)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trained_prefixes()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
+        if self.noise_generator is not None:
+            checkpoint["dreambench_rng"] = {"noise": self.noise_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("dreambench_rng")
+        if state and self.noise_generator is not None:
+            self.noise_generator.set_state(state["noise"])
+
+    # ---- export --------------------------------------------------------------------------------------------
+    def export_pipeline(self, folder: Path) -> None:
+        """A diffusers folder (safetensors) that StableDiffusionPipeline.from_pretrained loads, with the base
+        model's own scheduler."""
+        import diffusers
+        sched_cls = getattr(diffusers, self.components.scheduler_config.get("_class_name", "DDPMScheduler"))
+        pipe = build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
+                              sched_cls.from_config(self.components.scheduler_config))
+        pipe.save_pretrained(folder, safe_serialization=True)

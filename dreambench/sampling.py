@@ -1,0 +1,79 @@
+"""Sampling: a diffusers pipeline assembled from components already in memory, fixed-seed generation, grids."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import diffusers
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any], **overrides: Any):
+    """A sampling scheduler of class `name` (a diffusers class, e.g. "DPMSolverMultistepScheduler") built
+    from the base model's scheduler config, so the noise schedule and prediction type stay the model's."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise ValueError(f"guidance.scheduler={name!r} is not a diffusers scheduler class")
+    return cls.from_config(dict(base_config), **overrides)
+
+
+def build_pipeline(unet, vae, text_encoder, tokenizer, scheduler) -> diffusers.StableDiffusionPipeline:
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Mapping[str, Any], batch_size: int = 4,
+             progress: bool = True, desc: str = "sampling", output_type: str = "pil") -> list:
+    """One image per (prompt, seed); image i depends only on (prompt i, seed i), never on the batch size,
+    because each image gets its own CPU generator (device-independent noise)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out: list = []
+    height = guidance.get("height") or None
+    width = guidance.get("width") or None
+    negative = guidance.get("negative_prompt") or None
+    bar = tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, leave=False)
+    for i in range(0, len(prompts), batch_size):
+        p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
+        result = pipe(
+            prompt=p,
+            negative_prompt=[negative] * len(p) if negative else None,
+            num_inference_steps=int(guidance["num_inference_steps"]),
+            guidance_scale=float(guidance["guidance_scale"]),
+            height=height, width=width,
+            generator=[torch.Generator("cpu").manual_seed(int(x)) for x in s],
+            output_type=output_type,
+        )
+        out.extend(result.images)
+        bar.update(len(p))
+    bar.close()
+    return out
+
+
+def image_grid(images: Sequence[Image.Image], cols: int | None = None, labels: Sequence[str] | None = None,
+               pad: int = 2) -> Image.Image:
+    """A contact sheet; labels (one per image) are drawn under each tile."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    label_h = 12 if labels else 0
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + label_h) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (w + pad), pad + r * (h + pad + label_h)
+        grid.paste(im.convert("RGB").resize((w, h)), (x, y))
+        if labels:
+            draw.text((x + 1, y + h), str(labels[i])[: max(4, w // 6)], fill="black")
+    return grid
