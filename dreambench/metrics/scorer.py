@@ -84,6 +84,8 @@ class MetricSet:
     def merge(self, other: "MetricSet") -> None:
         for name, m in self.items():
             m.merge_state(getattr(other, name))
+            # merge_state leaves the update counter alone, and compute() would then warn of no updates.
+            m._update_count += getattr(other, name)._update_count
 
 
 class Scorer:
