@@ -23,7 +23,7 @@ log = logging.getLogger("dreambench")
 
 class DreamBoothModule(L.LightningModule):
     def __init__(self, components: Components, cfg: DictConfig, instance_paths: list[Path], prior: Any,
-                 identifier: str, subject: Any = None):
+                 identifier: str, method: Any, subject: Any = None):
         super().__init__()
         # No save_hyperparameters: it would embed the modules in every checkpoint.
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
@@ -32,7 +32,8 @@ class DreamBoothModule(L.LightningModule):
         self.components = components
         self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
         self.instance_paths = list(instance_paths)
-        self.train_text_encoder = bool(cfg.model.train_text_encoder)
+        self.method = method
+        self.train_text_encoder = bool(getattr(method, "train_text_encoder", False))
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
         self.instance_prompt = " ".join(cfg.data.instance_prompt.format(**fmt).split())
         self.class_prompt = " ".join(cfg.data.class_prompt.format(**fmt).split())
@@ -40,9 +41,8 @@ class DreamBoothModule(L.LightningModule):
         self.register_buffer("alphas_cumprod", components.noise_scheduler.alphas_cumprod.clone(), persistent=False)
 
         self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(self.train_text_encoder)
-        self.text_encoder.train(self.train_text_encoder)
-        self.unet.requires_grad_(True).train()
+        self.text_encoder.requires_grad_(False).eval()
+        method.prepare(self)  # what is trained: UNet / text encoder / adapters / a token embedding
         if cfg.model.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_text_encoder:
@@ -161,10 +161,7 @@ class DreamBoothModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.run_cfg
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": float(cfg.optimizer.lr)}]
-        if self.train_text_encoder:
-            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
-                           "lr": float(cfg.model.text_encoder_lr)})
+        groups = self.method.param_groups(self, float(cfg.optimizer.lr))
         optimizer = instantiate(cfg.optimizer)(groups)
         from diffusers.optimization import get_scheduler
         sched = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.lr_warmup_steps),
@@ -178,11 +175,11 @@ class DreamBoothModule(L.LightningModule):
         return torch.utils.data.DataLoader(torch.arange(n), batch_size=None, shuffle=False)
 
     # ---- checkpoints hold what was trained ------------------------------------------------------------
-    def trained_prefixes(self) -> tuple[str, ...]:
-        return ("unet.", "text_encoder.") if self.train_text_encoder else ("unet.",)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.method.after_optimizer_step(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trained_prefixes()
+        keep = self.method.trained_prefixes(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
         if self.noise_generator is not None:
             checkpoint["dreambench_rng"] = {"noise": self.noise_generator.get_state()}
@@ -193,11 +190,14 @@ class DreamBoothModule(L.LightningModule):
             self.noise_generator.set_state(state["noise"])
 
     # ---- export --------------------------------------------------------------------------------------------
-    def export_pipeline(self, folder: Path) -> None:
-        """A diffusers folder (safetensors) that StableDiffusionPipeline.from_pretrained loads, with the base
-        model's own scheduler."""
+    def base_pipeline(self):
+        """The in-memory components as a pipeline with the base model's own scheduler class."""
         import diffusers
         sched_cls = getattr(diffusers, self.components.scheduler_config.get("_class_name", "DDPMScheduler"))
-        pipe = build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
+        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
                               sched_cls.from_config(self.components.scheduler_config))
-        pipe.save_pretrained(folder, safe_serialization=True)
+
+    def export(self, folder: Path) -> None:
+        """The method's artefact: a diffusers pipeline folder (dreambooth), adapter weights (lora), an
+        embedding file (textual inversion)."""
+        self.method.export(self, folder)

@@ -91,7 +91,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                             cfg.model.prediction_type)
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
-    module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, identifier, plan.subject)
+    method = instantiate(cfg.method)
+    module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, identifier, method, plan.subject)
 
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     every_ckpt = int(cfg.train.checkpoint_every_n_steps)
@@ -113,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             if cfg.train.export_model:
                 with atomic_dir(run_dir / "model") as tmp:
-                    module.export_pipeline(tmp)
+                    module.export(tmp)
             cm = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
             metrics = {
                 **cm,
@@ -125,6 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "class_prompt": module.class_prompt,
                 "subject": cfg.data.subject,
                 "num_instance_images": len(plan.instance_paths),
+                "method": method.summary(),
                 "prior": {"weight": plan.prior.weight, **plan.prior.summary()},
                 "model": plan.model_ref,
                 "run_dir": str(run_dir),

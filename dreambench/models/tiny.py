@@ -57,8 +57,9 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     # SD's own noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), epsilon prediction, and the
     # scheduler class SD 1.5 ships with.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                               set_alpha_to_one=False, prediction_type="epsilon")
+    scheduler.register_to_config(clip_sample=False)  # as SD 1.5's config: DDIM must not clip latents to [-1, 1]
     # The latent scaling factor is chosen as SD's 0.18215 was: 1 / std of the latents of typical images,
     # so the diffusion process sees unit-variance latents.
     with torch.no_grad():
