@@ -111,9 +111,14 @@ class DriftMonitor(L.Callback):
             return
         values = self.measure(pl_module)
         self.history.append({"step": step, **values})
+        # self.log feeds callback_metrics (checkpoint monitors, pruning callbacks, the sweep's return value); the
+        # loggers are written directly because Lightning only forwards step logs every log_every_n_steps,
+        # which would silently drop drift points whose step is not a multiple of it.
         for key, value in values.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=self.prog_bar, logger=True,
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=self.prog_bar, logger=False,
                           batch_size=1, rank_zero_only=True)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         # self.log is not allowed here: write to the loggers directly and expose the final values to callbacks.
