@@ -13,8 +13,24 @@ SECRET = re.compile(r"(api[_-]?key|token|password|passwd|secret|credential)", re
 REDACTED = "***"
 
 
+def missing_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """`???` values, without resolving interpolations (OmegaConf.missing_keys raises on an interpolation
+    that points at a missing value, e.g. run_name: ${data.subject})."""
+    out: list[str] = []
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for k in keys:
+        path = f"{prefix}{k}" if isinstance(cfg, DictConfig) else f"{prefix[:-1]}[{k}]"
+        if OmegaConf.is_missing(cfg, k):
+            out.append(path)
+        elif not OmegaConf.is_interpolation(cfg, k):
+            v = cfg[k]
+            if OmegaConf.is_config(v):
+                out.extend(missing_keys(v, path + "."))
+    return out
+
+
 def check_missing(cfg: DictConfig, hint: str = "") -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(missing_keys(cfg))
     if missing:
         raise UserError(f"missing required config value(s): {', '.join(missing)}{hint}")
 

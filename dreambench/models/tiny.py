@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +69,29 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
-def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model into `folder` unless a complete one is there; returns the folder."""
-    folder = Path(folder).expanduser()
+def _complete(folder: Path) -> bool:
     marker = folder / "tiny.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION
+
+
+def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny model into `folder` unless a complete one is there; returns the folder. Safe when
+    several processes (test workers, DDP ranks) build at once: the first rename wins, the rest discard."""
+    from dreambench.utils.io import safe_rmtree
+
+    folder = Path(folder).expanduser()
+    if _complete(folder):
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
     (tmp / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # an older or partial build: it is ours to replace
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    if folder.exists() and not _complete(folder):  # a partial build of this very version: ours to replace
+        safe_rmtree(folder, folder.parent)
+    try:
+        os.replace(tmp, folder)  # fails on a non-empty folder: another process finished first
+    except OSError:
+        if not _complete(folder):
+            raise
+        safe_rmtree(tmp, folder.parent)
     return folder

@@ -1,0 +1,44 @@
+# dreambench — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: 2.13.0 is the local CPU build on the project's machines; a bare or open-ended torch
+# requirement would fetch the newest CUDA build (several GB). Set TORCH=... for another build.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+# The DreamBench data set: ../shared/dreambench-dataset when it exists, unless DREAMBENCH_DATA is set.
+SHARED_DATA := $(abspath ../shared/dreambench-dataset)
+ifeq ($(DREAMBENCH_DATA),)
+ifneq ($(wildcard $(SHARED_DATA)/prompts_and_classes.txt),)
+export DREAMBENCH_DATA := $(SHARED_DATA)
+endif
+endif
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint clean-runs
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install dreambench (torch pinned, no torchvision)
+
+demo: $(STAMP) ## train the dog experiment on the tiny model (CPU, about a minute) and print the run folder
+	$(BIN)/python -m dreambench.train +experiment=dog model=tiny +preset=smoke
+
+test: $(STAMP) ## the test suite (CPU; includes the slower end-to-end tests)
+	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the test suite without tests marked slow
+	$(BIN)/python -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+
+clean-runs: ## remove the run folders under experiments/ (keeps the recipes)
+	find experiments -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +

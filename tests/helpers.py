@@ -1,0 +1,29 @@
+"""Shared by the tests: real Hydra composition and tiny-run settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A tiny CPU run: few steps, few class images, few sampling steps, no W&B.
+TINY = ["model=tiny", "logger=csv", "progress=false", "trainer.max_steps=6", "prior.num_images=2",
+        "prior.batch_size=2", "guidance.num_inference_steps=2", "train.sample_every_n_steps=0",
+        "train.checkpoint_every_n_steps=0", "optimizer.lr=1e-3"]
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose a config exactly as the CLI does (real Hydra composition, not a hand-made dict)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def run_cli(module: str, args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, **kw)
