@@ -16,7 +16,10 @@ from dreambench import losses
 from dreambench.data.latents import LatentBank, draw_indices
 from dreambench.models.loading import Components
 from dreambench.prior import PriorContext
+from dreambench.resilience import checkpoint as resilience
+from dreambench.resilience.numerics import keep_vae_fp32, vae_needs_fp32
 from dreambench.sampling import build_pipeline, generate, make_scheduler
+from dreambench import speed
 
 log = logging.getLogger("dreambench")
 
@@ -41,6 +44,9 @@ class DreamBoothModule(L.LightningModule):
         self.register_buffer("alphas_cumprod", components.noise_scheduler.alphas_cumprod.clone(), persistent=False)
 
         self.vae.requires_grad_(False).eval()
+        if vae_needs_fp32(cfg.model.get("vae_fp32", "auto"), cfg.trainer.get("precision"),
+                          getattr(self.vae.config, "force_upcast", None)):
+            keep_vae_fp32(self.vae)  # e.g. SDXL's VAE overflows in fp16 (NaN, black images)
         self.text_encoder.requires_grad_(False).eval()
         method.prepare(self)  # what is trained: UNet / text encoder / adapters / a token embedding
         if cfg.model.gradient_checkpointing:
@@ -50,6 +56,8 @@ class DreamBoothModule(L.LightningModule):
         if cfg.model.attention == "eager":  # default diffusers processors use SDPA (torch >= 2)
             from diffusers.models.attention_processor import AttnProcessor
             self.unet.set_attn_processor(AttnProcessor())
+        speed.apply_channels_last(self.unet, bool(cfg.model.get("channels_last", False)))
+        self._first_step = speed.FirstStepClock()
         # Lightning restores checkpoints with only the trained weights (see on_save_checkpoint).
         self.strict_loading = False
         self.noise_generator: torch.Generator | None = None
@@ -64,6 +72,7 @@ class DreamBoothModule(L.LightningModule):
         for m in (self.unet, self.vae, self.text_encoder):
             m.to(device)
         cfg = self.run_cfg
+        speed.cast_frozen(self, cfg.model.get("frozen_dtype", "auto"), str(cfg.trainer.precision), device)
         res = int(cfg.data.resolution)
         guidance = dict(cfg.guidance)
         ctx = PriorContext(
@@ -162,7 +171,8 @@ class DreamBoothModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.run_cfg
         groups = self.method.param_groups(self, float(cfg.optimizer.lr))
-        optimizer = instantiate(cfg.optimizer)(groups)
+        params = [p for g in groups for p in g["params"]]
+        optimizer = instantiate(cfg.optimizer, **speed.optimizer_kwargs(cfg.optimizer, params))(groups)
         from diffusers.optimization import get_scheduler
         sched = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.lr_warmup_steps),
                               num_training_steps=int(cfg.trainer.max_steps))
@@ -175,19 +185,23 @@ class DreamBoothModule(L.LightningModule):
         return torch.utils.data.DataLoader(torch.arange(n), batch_size=None, shuffle=False)
 
     # ---- checkpoints hold what was trained ------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._first_step()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.method.after_optimizer_step(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.method.trained_prefixes(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
-        if self.noise_generator is not None:
-            checkpoint["dreambench_rng"] = {"noise": self.noise_generator.get_state()}
+        # Exact resume: python/numpy/torch global RNGs and the noise generator, of every rank.
+        checkpoint["dreambench_rng"] = resilience.gather_rng(self.trainer, self.noise_generator)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("dreambench_rng")
-        if state and self.noise_generator is not None:
-            self.noise_generator.set_state(state["noise"])
+        # Runs after setup() (Lightning restores after it), so the noise generator exists and the class images
+        # and latents were made from the base model before the tuned weights came back.
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        resilience.restore_rng(resilience.rank_state(checkpoint.get("dreambench_rng"), rank), self.noise_generator)
 
     # ---- export --------------------------------------------------------------------------------------------
     def base_pipeline(self):
@@ -200,4 +214,5 @@ class DreamBoothModule(L.LightningModule):
     def export(self, folder: Path) -> None:
         """The method's artefact: a diffusers pipeline folder (dreambooth), adapter weights (lora), an
         embedding file (textual inversion)."""
+        speed.restore_frozen(self)  # the base model's own fp32 VAE / text encoder, not a bf16 round trip
         self.method.export(self, folder)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Plan:
     prior: Any
     model_ref: str
     subject: Any
+    resume: Path | None = None  # the checkpoint to continue from (resume=auto|path, checked here)
 
 
 def prepare(cfg: DictConfig) -> Plan:
@@ -43,11 +45,16 @@ def prepare(cfg: DictConfig) -> Plan:
     from dreambench.data.images import BadImageError, validate_image_folder
     from dreambench.models.loading import ModelNotFoundError, check_model_ref, resolve_model_ref
 
+    from dreambench.resilience import resolve_resume
+    from dreambench.resilience.runs import run_dir_for_this_rank
+    from dreambench.schema import validate
+
     check_missing(cfg, " (a DreamBench subject comes with +experiment=<subject>, e.g. +experiment=dog)")
+    validate(cfg)  # unknown keys, types, ranges (resolution a multiple of 8, lr > 0, ...): one UserError line
     res = int(cfg.data.resolution)
-    if res <= 0 or res % 8:
-        raise UserError(f"data.resolution={res} must be a positive multiple of 8")
+    run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
     try:
+        resume = resolve_resume(cfg.get("resume"), run_dir)
         subject = None
         if cfg.data.instance_dir:
             folder = Path(cfg.data.instance_dir).expanduser()
@@ -55,7 +62,8 @@ def prepare(cfg: DictConfig) -> Plan:
             subject = db.subject(db.resolve_root(cfg.paths.dataset_dir), cfg.data.subject)
             folder = subject.folder
         instance_paths = validate_image_folder(folder, min_size=int(cfg.data.get("min_size", res)),
-                                               on_bad=cfg.data.on_bad_image, what="instance images")
+                                               on_bad=cfg.data.on_bad_image, what="instance images",
+                                               policy_key="data.on_bad_image")
         prior = instantiate(cfg.prior)
         prior.check(res)
         ref = resolve_model_ref(cfg.model)
@@ -64,7 +72,7 @@ def prepare(cfg: DictConfig) -> Plan:
         raise UserError(str(e)) from None
     except KeyError as e:  # unknown subject
         raise UserError(e.args[0]) from None
-    return Plan(cfg, Path(cfg.paths.run_dir), instance_paths, prior, ref, subject)
+    return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -77,14 +85,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from dreambench.data.identifier import resolve_identifier
     from dreambench.models.loading import describe, load_components
     from dreambench.module import DreamBoothModule
+    from dreambench.resilience import AtomicCheckpointIO, NumericsGuard, Preemption, checkpoint_step
+    from dreambench.resilience.runs import (RUN_DIR_ENV, FlushLoggersOnCheckpoint, continue_csv_logs,
+                                            launch_rank, redacted_argv)
     from dreambench.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
     t_start = time.time()
     plan = prepare(cfg)
     run_dir = plan.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     plain = to_container(cfg)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+    if launch_rank() == 0:  # DDP children write nothing to the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     comps = load_components(plan.model_ref, cfg.model.revision, cfg.model.variant, bool(cfg.model.allow_pickle),
@@ -92,25 +104,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
     method = instantiate(cfg.method)
+    identifier = method.identifier_token(identifier)  # e.g. "<sks>": textual inversion's new token
+    log.info("identifier %r", identifier)
     module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, identifier, method, plan.subject)
 
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     every_ckpt = int(cfg.train.checkpoint_every_n_steps)
+    ckpt_dir = run_dir / "checkpoints"
+    preemption = Preemption(ckpt_dir)
     callbacks: list[Any] = [SampleGrid(run_dir / "samples", int(cfg.train.sample_every_n_steps),
-                                       seeds=list(cfg.train.sample_seeds))]
+                                       seeds=list(cfg.train.sample_seeds)),
+                            NumericsGuard(str(cfg.train.get("on_nonfinite", "stop"))), preemption,
+                            FlushLoggersOnCheckpoint()]
     if every_ckpt > 0:
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step={step:06d}",
-                                         auto_insert_metric_name=False, every_n_train_steps=every_ckpt,
-                                         save_top_k=int(cfg.train.keep_checkpoints), monitor="step", mode="max"))
+        # save_top_k=-1: AtomicCheckpointIO prunes (after the new file is complete), preemption checkpoints too.
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
+                                         every_n_train_steps=every_ckpt, save_top_k=-1))
+    plugins: list[Any] = [AtomicCheckpointIO(keep=int(cfg.train.keep_checkpoints))]
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+    if SLURMEnvironment.detect():  # Lightning's requeue saves inside its signal handler: see resilience/preempt.py
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if not cfg.train.get("samples", True):  # train.samples=false: no grids at all, not even at start and end
+        callbacks = [c for c in callbacks if not isinstance(c, SampleGrid)]
+    if _sweep_trial(cfg):  # one trial of an Optuna sweep: record it, prune it (dreambench/sweep/trial.py)
+        from dreambench.sweep.trial import trial_callbacks
+        callbacks += trial_callbacks(cfg, run_dir)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir),
-                          enable_checkpointing=every_ckpt > 0, enable_progress_bar=bool(cfg.progress))
-    for lg in loggers:
-        lg.log_hyperparams(plain)
+                          enable_checkpointing=True, enable_progress_bar=bool(cfg.progress), plugins=plugins)
+    if plan.resume is not None:
+        step = checkpoint_step(plan.resume)
+        if step is None:
+            import torch
+            step = int(torch.load(plan.resume, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+        continue_csv_logs(loggers, step)
+    with redacted_argv():  # W&B records sys.argv in its run metadata: no secret given as an override goes there
+        for lg in loggers:
+            lg.log_hyperparams(plain)
     try:
         t_fit = time.time()
-        trainer.fit(module, ckpt_path=cfg.get("resume"))
+        # Lightning's DDP launcher starts the other ranks inside fit(); they take the run folder from here.
+        os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+        trainer.fit(module, ckpt_path=str(plan.resume) if plan.resume else None)
         fit_s = time.time() - t_fit
         metrics: dict[str, Any] = {}
+        if preemption.preempted:  # a checkpoint, no export and no metrics.json: the run is not finished
+            return {"preempted": True, "checkpoint": str(preemption.checkpoint), "steps": int(trainer.global_step),
+                    "run_dir": str(run_dir), "rank": trainer.global_rank}
         if trainer.is_global_zero:
             if cfg.train.export_model:
                 with atomic_dir(run_dir / "model") as tmp:
@@ -136,6 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 lg.log_metrics({f"final/{k}": v for k, v in cm.items()}, step=int(trainer.global_step))
         return metrics
     finally:
+        os.environ.pop(RUN_DIR_ENV, None)
         for lg in loggers:
             if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
                 import wandb
@@ -143,18 +183,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     wandb.finish()
 
 
+def _sweep_trial(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "sweep.trial") is not None
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from dreambench.resilience import RESUMABLE_EXIT_CODE, NonFiniteError
+    from dreambench.resilience.preempt import requeue_slurm
+    from dreambench.resilience.runs import launch_rank
+
+    if launch_rank() > 0:  # a DDP child: Hydra's log file (delay=true, not yet opened) belongs to rank 0
+        for h in list(logging.getLogger().handlers):
+            if isinstance(h, logging.FileHandler):
+                logging.getLogger().removeHandler(h)
     logging.basicConfig(level=logging.INFO, format="[dreambench] %(message)s")
     try:
         metrics = train(cfg)
     except UserError as e:
+        if _sweep_trial(cfg):  # the sweeper records it as this trial's failure reason and goes on
+            raise
         print(f"dreambench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"dreambench: error: {e}", file=sys.stderr)
+        sys.exit(4)
+    if metrics.get("preempted"):
+        requeued = launch_rank() == 0 and requeue_slurm()
+        print(f"dreambench: preempted at step {metrics['steps']}: checkpoint {metrics['checkpoint']}; "
+              f"{'requeued; ' if requeued else ''}run again with resume=auto hydra.run.dir={metrics['run_dir']} "
+              f"to continue (exit code {RESUMABLE_EXIT_CODE})", file=sys.stderr)
+        sys.exit(RESUMABLE_EXIT_CODE)
     if metrics.get("run_dir"):
         print(f"dreambench: run folder: {metrics['run_dir']}")
     key = cfg.get("optimized_metric")
-    return metrics.get(key) if key else None
+    if not key or not _sweep_trial(cfg):
+        return metrics.get(key) if isinstance(key, str) else None
+    from dreambench.sweep.objective import pick
+    return pick(metrics, key)  # one float per key; a missing key fails the trial with the keys it has
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""Hydra writes `<run>/.hydra/{config,hydra,overrides}.yaml` itself, before the task runs, with every override in
+clear text (`+logger.settings.api_key=...` lands in all three). conf/hydra/default.yaml sets
+`hydra.output_subdir: null`, so Hydra writes none of them, and this callback writes the same three files with
+secrets replaced; the layout stays what Hydra users expect (`.hydra/config.yaml` is still there).
+
+A key is secret when its name matches dreambench.config.SECRET (api_key, token, password, secret, ...); its
+value is also scrubbed from every other string (hydra.job.override_dirname repeats the overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dreambench.config import REDACTED, SECRET
+from dreambench.utils.io import atomic_write_text
+
+log = logging.getLogger("dreambench")
+
+
+def _secret_values(node: Any, out: set[str]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if SECRET.search(str(k)) and isinstance(v, (str, int, float)) and str(v) not in ("", REDACTED):
+                out.add(str(v))
+            else:
+                _secret_values(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            _secret_values(v, out)
+
+
+def redact_override(s: str) -> str:
+    key, eq, _ = s.partition("=")
+    return f"{key}={REDACTED}" if eq and SECRET.search(key) else s
+
+
+def _scrub(node: Any, values: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (REDACTED if SECRET.search(str(k)) and v not in (None, "") else _scrub(v, values))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrub(redact_override(v) if isinstance(v, str) else v, values) for v in node]
+    if isinstance(node, str):
+        for v in values:
+            node = node.replace(v, REDACTED)
+    return node
+
+
+def redacted_hydra_files(config: DictConfig) -> dict[str, str]:
+    """{file name: YAML text} for config.yaml, hydra.yaml and overrides.yaml, secrets replaced."""
+    full = OmegaConf.to_container(config, resolve=False)
+    hydra_node = full.pop("hydra", {})
+    values: set[str] = set()
+    _secret_values(full, values)
+    for o in list(hydra_node.get("overrides", {}).get("task", [])) + list(hydra_node.get("overrides", {}).get("hydra", [])):
+        key, eq, val = str(o).partition("=")
+        if eq and SECRET.search(key) and val.strip("'\""):
+            values |= {val, val.strip("'\"")}
+    task = _scrub(full, values)
+    hydra_cfg = {"hydra": _scrub(hydra_node, values)}
+    overrides = _scrub(list(hydra_node.get("overrides", {}).get("task", [])), values)
+    return {"config.yaml": OmegaConf.to_yaml(OmegaConf.create(task)),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create(hydra_cfg)),
+            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides))}
+
+
+class RedactHydraOutput(Callback):
+    def __init__(self, subdir: str = ".hydra"):
+        self.subdir = subdir
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from dreambench.resilience.runs import launch_rank
+        if launch_rank() > 0:  # DDP children re-run the entry point: they write nothing to the run folder
+            return
+        out = Path(config.hydra.runtime.output_dir) / self.subdir
+        for name, text in redacted_hydra_files(config).items():
+            atomic_write_text(out / name, text)
