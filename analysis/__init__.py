@@ -1,0 +1,1 @@
+"""Tables and figures built from run folders and Optuna studies on disk (`python -m analysis.compare`)."""

@@ -1,0 +1,123 @@
+"""Study storage and bookkeeping shared by the sweeper (ask/tell) and the trials (pruning reports).
+
+Storage: a journal file beside the sweep folder by default (Optuna's JournalStorage: an append-only log with a
+file lock, safe for several processes on one machine or a shared file system; Optuna advises against SQLite for
+parallel workers), or any URL Optuna's RDBStorage takes, e.g. postgresql+psycopg://user@host/db for a cluster.
+
+Stale trials: a sweep killed mid-batch leaves its trials RUNNING forever. Optuna's heartbeat
+(`optuna.storages.fail_stale_trials`) only exists for RDB storages, not for the journal file, so the sweeper keeps
+its own: it stamps each running trial it owns every `heartbeat_s` (a system attr, works on every storage); at
+start-up any RUNNING trial whose stamp is older than `stale_after_s` is failed with a reason and its parameters
+are enqueued again (a retry). Trials with no stamp (asked by something else) are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger("dreambench.sweep")
+
+HEARTBEAT = "dreambench:heartbeat"    # unix time of the owning sweeper's last stamp
+STALE = "dreambench:stale"            # failed because its sweeper stopped; retried, not counted
+SURPLUS = "dreambench:surplus"        # asked past the target in a race between workers; not counted
+FAIL_REASON = "fail_reason"           # user attr: why a trial failed / was pruned (shown by the dashboard)
+JOURNAL_NAME = "study.journal"
+
+
+def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
+    """None -> the journal file in the sweep folder; a plain path -> that journal file; a URL -> itself."""
+    if not storage:
+        return str((Path(sweep_dir) / JOURNAL_NAME).resolve())
+    s = str(storage)
+    return s if "://" in s else str(Path(s).expanduser().resolve())
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if "://" in url:
+        # pool_pre_ping: a cluster job may hold a connection across a database restart.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def counted(t: FrozenTrial) -> bool:
+    """Whether a trial counts towards the study's target `n_trials`: every trial asked (running or finished,
+    failed ones included) except stale ones (retried instead) and surplus ones."""
+    return t.state != TrialState.WAITING and not t.system_attrs.get(STALE) and not t.system_attrs.get(SURPLUS)
+
+
+def failed(t: FrozenTrial) -> bool:
+    return t.state == TrialState.FAIL and counted(t)
+
+
+def fail_trial(storage: optuna.storages.BaseStorage, tid: int, reason: str, **system: Any) -> bool:
+    """FAIL a running trial with its reason; False if someone else finished it first."""
+    try:
+        storage.set_trial_user_attr(tid, FAIL_REASON, reason[:2000])
+        for k, v in system.items():
+            storage.set_trial_system_attr(tid, k, v)
+        return storage.set_trial_state_values(tid, TrialState.FAIL)
+    except UpdateFinishedTrialError:  # another worker (or the job) finished it first
+        return False
+
+
+def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage, stale_after_s: float) -> list[int]:
+    """Fail RUNNING trials whose sweeper stopped stamping them and enqueue their parameters again."""
+    now = time.time()
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = t.system_attrs.get(HEARTBEAT)
+        if beat is None or now - float(beat) <= stale_after_s:
+            continue
+        tid = trial_id(storage, study.study_name, t.number)
+        reason = (f"stale: its sweeper stopped (no heartbeat for {now - float(beat):.0f} s > stale_after_s="
+                  f"{stale_after_s:g}); retried with the same parameters")
+        if fail_trial(storage, tid, reason, **{STALE: True}):
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            retried.append(t.number)
+            log.warning("trial %d was left running by a stopped sweep: failed and enqueued again", t.number)
+    return retried
+
+
+class Heartbeat:
+    """Stamps the trials of the running batch every `interval_s` from a daemon thread."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: Iterable[int], interval_s: float):
+        self.storage, self.ids, self.interval = storage, list(trial_ids), float(interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweep-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        now = time.time()
+        for tid in self.ids:
+            try:
+                self.storage.set_trial_system_attr(tid, HEARTBEAT, now)
+            except UpdateFinishedTrialError:  # finished meanwhile (told, or failed by another worker)
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def __enter__(self) -> Heartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
