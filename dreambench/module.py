@@ -12,14 +12,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from dreambench import losses
+from dreambench import losses, speed
 from dreambench.data.latents import LatentBank, draw_indices
 from dreambench.models.loading import Components
 from dreambench.prior import PriorContext
 from dreambench.resilience import checkpoint as resilience
 from dreambench.resilience.numerics import keep_vae_fp32, vae_needs_fp32
 from dreambench.sampling import build_pipeline, generate, make_scheduler
-from dreambench import speed
 
 log = logging.getLogger("dreambench")
 
@@ -100,6 +99,8 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
         log.info("instance prompt %r, class prompt %r, %d instance / %d class latents", self.instance_prompt,
                  self.class_prompt, len(self.instance_bank), len(self.class_bank) if self.class_bank else 0)
+        # After the class images: compiling for inference first would only add a recompile.
+        speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
 
     def _tokenize(self, prompt: str) -> torch.Tensor:
         return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -1,0 +1,320 @@
+"""Memory planner: the peak memory of one training step, estimated before any weight is loaded.
+
+Parameter counts come from the model's own configs (`unet/`, `text_encoder/`, `vae/` config.json), built on the
+meta device (no storage); what is trainable comes from running the method's own `prepare` / `param_groups` on
+those meta modules; activation memory is traced, not guessed: one forward pass on meta tensors at the run's
+resolution and batch, with `saved_tensors_hooks` summing every tensor autograd keeps for the backward pass.
+
+    peak ≈ weights + gradients + optimizer state + autocast weight copies + saved activations + overhead
+
+It is an upper estimate of the training step (everything above alive at once, as at the start of backward),
+not of set-up (class-image generation and latent caching run before the optimizer state exists).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dreambench.errors import UserError
+
+log = logging.getLogger("dreambench")
+
+def human(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+GB = 1e9  # decimal GB, as GPU memory is sold and as the issue counts (3.4 GB of fp32 SD 1.5 UNet weights)
+
+# Optimizer state in bytes per trainable parameter, by optimizer class name: AdamW keeps exp_avg and
+# exp_avg_sq in the parameter's dtype (fp32 master weights: 2 x 4 B); bitsandbytes' 8-bit Adam keeps both in
+# uint8 (2 x 1 B, plus block-wise scales, < 1 %); SGD with momentum one fp32 buffer.
+OPTIMIZER_STATE_BYTES = {"AdamW": 8, "Adam": 8, "AdamW8bit": 2, "Adam8bit": 2, "PagedAdamW8bit": 2, "SGD": 4,
+                         "Adafactor": 4}
+# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's fragmentation: measured ~0.6-1 GB on
+# Ampere/Hopper for a single-process PyTorch job; 1 GB keeps the estimate on the safe side.
+CUDA_OVERHEAD_BYTES = int(1.0 * GB)
+
+
+@dataclass
+class MemoryEstimate:
+    params: dict[str, int]                 # total parameters per component
+    trainable: int                         # parameters the optimizer updates
+    parts: dict[str, int]                  # bytes: weights, gradients, optimizer, autocast_copies, activations, overhead
+    device: str = "cpu"
+    capacity: int | None = None            # device memory in bytes (None: not checked, e.g. CPU)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def line(self) -> str:
+        unit, div = ("GB", GB) if self.total >= 0.1 * GB else ("MB", 1e6)
+        p = ", ".join(f"{k} {v / div:.2f}" for k, v in self.parts.items())
+        cap = (f" of {human(self.capacity)} on {self.device}" if self.capacity
+               else f" ({self.device}: capacity not checked)")
+        return (f"memory plan: ~{self.total / div:.2f} {unit} peak{cap} [{p} {unit}]; "
+                f"{self.trainable / 1e6:.2f} M of {sum(self.params.values()) / 1e6:.2f} M parameters trained")
+
+    def summary(self) -> dict[str, Any]:
+        return {"estimated_peak_gb": round(self.total / GB, 3),
+                "parts_gb": {k: round(v / GB, 3) for k, v in self.parts.items()},
+                "params_m": {k: round(v / 1e6, 3) for k, v in self.params.items()},
+                "trainable_m": round(self.trainable / 1e6, 4), "device": self.device,
+                "capacity_gb": round(self.capacity / GB, 2) if self.capacity else None, "notes": self.notes}
+
+
+# ---- configs and meta-device modules -------------------------------------------------------------------------
+def read_configs(model_ref: str, revision: str | None = None) -> dict[str, dict[str, Any]]:
+    """The three config.json files of a diffusers folder or hub repo (a few KB each; hub files come from the
+    local hub cache when there is no network)."""
+    out = {}
+    for sub in ("unet", "text_encoder", "vae"):
+        p = Path(model_ref).expanduser() / sub / "config.json"
+        if not p.is_file():
+            from huggingface_hub import hf_hub_download
+            p = Path(hf_hub_download(model_ref, f"{sub}/config.json", revision=revision))
+        out[sub] = json.loads(p.read_text())
+    return out
+
+
+def meta_modules(configs: dict[str, dict[str, Any]]):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def clean(c):  # config.json files carry bookkeeping keys (_class_name, _diffusers_version) the constructors refuse
+        return {k: v for k, v in c.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(clean(configs["unet"]))
+        vae = AutoencoderKL.from_config(clean(configs["vae"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in clean(configs["text_encoder"]).items()
+                                                       if k not in ("architectures", "torch_dtype", "dtype",
+                                                                    "transformers_version", "model_type")}))
+    return unet, text_encoder, vae
+
+
+class _Stub(torch.nn.Module):
+    """What a method's prepare/param_groups see of the LightningModule: the trainable components."""
+
+    def __init__(self, unet, text_encoder, vae):
+        super().__init__()
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.train_text_encoder = False
+
+
+def trainable_parameters(method: Any, unet, text_encoder, vae) -> tuple[int, bool, list[str]]:
+    """(trainable parameter count, text encoder in the graph with grad?, notes), from the method's own code."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    stub = _Stub(unet, text_encoder, vae)
+    try:
+        method.prepare(stub)
+        groups = method.param_groups(stub, 1e-4)
+        n = sum(p.numel() for g in groups for p in g["params"])
+        return n, any(p.requires_grad for p in text_encoder.parameters()), []
+    except Exception as e:  # noqa: BLE001 - a method that needs more than the components (e.g. a tokenizer)
+        full_te = bool(getattr(method, "train_text_encoder", False))
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(full_te)
+        n = sum(p.numel() for p in unet.parameters()) + (sum(p.numel() for p in text_encoder.parameters())
+                                                          if full_te else 0)
+        return n, full_te, [f"method {getattr(method, 'name', method)!r} could not be planned exactly "
+                            f"({e.__class__.__name__}); assumed the whole UNet is trained (an upper bound)"]
+
+
+# ---- activations: one traced forward pass on meta tensors ------------------------------------------------------
+class _FlashLikeSDPA(torch.autograd.Function):
+    # On meta tensors PyTorch picks the math SDPA, which keeps the L x L attention matrix for backward; the
+    # fused kernels used on a GPU (flash / memory-efficient) and on a CPU (flash for CPU) keep only q, k, v,
+    # the output and the log-sum-exp [B, H, L] in fp32. Traced with this stand-in to count what they keep.
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # never run: the trace stops after the forward pass
+        raise NotImplementedError
+
+
+def _sdpa_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    return _FlashLikeSDPA.apply(q, k, v)
+
+
+@contextlib.contextmanager
+def _fused_sdpa():
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _sdpa_stand_in
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def saved_activation_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while `fn()` runs (parameters in `exclude` not counted)."""
+    skip = {p.untyped_storage()._cdata for p in exclude}
+    seen: dict[int, tuple[Any, int]] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = (s, s.nbytes())  # the storage is kept alive so its address is not reused
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(n for _, n in seen.values())
+
+
+def unet_activation_bytes(unet, text_cfg: dict[str, Any], batch: int, latent_hw: int, dtype: torch.dtype,
+                          gradient_checkpointing: bool, attention: str, cond_requires_grad: bool) -> int:
+    from diffusers.utils import logging as dlog
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # `.to(dtype)` warns about fp32-kept modules of pretrained loading: none here
+    try:
+        unet.to(dtype=dtype)
+    finally:
+        dlog.set_verbosity(level)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    c = unet.config
+    ctx_len = int(text_cfg.get("max_position_embeddings", 77))
+    x = torch.empty(batch, c.in_channels, latent_hw, latent_hw, device="meta", dtype=dtype)
+    cond = torch.empty(batch, ctx_len, c.cross_attention_dim, device="meta", dtype=dtype,
+                       requires_grad=cond_requires_grad)
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    sdpa = _fused_sdpa() if attention == "sdpa" else contextlib.nullcontext()
+    if attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+        unet.set_attn_processor(AttnProcessor())
+    with sdpa, torch.enable_grad():
+        return saved_activation_bytes(lambda: unet(x, t, cond), list(unet.parameters()))
+
+
+# ---- the estimate ----------------------------------------------------------------------------------------------
+def _nbytes(n: int, dtype: torch.dtype) -> int:
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int, batch_size: int = 1,
+             prior: bool = True, precision: str = "32-true", gradient_checkpointing: bool = False,
+             optimizer: str = "AdamW", attention: str = "sdpa", frozen_dtype: torch.dtype | None = None,
+             device: str = "cpu", capacity: int | None = None) -> MemoryEstimate:
+    """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
+    `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained)."""
+    unet, text_encoder, vae = meta_modules(configs)
+    params = {"unet": sum(p.numel() for p in unet.parameters()),
+              "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+              "vae": sum(p.numel() for p in vae.parameters())}
+    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoder, vae)
+    mixed = "mixed" in str(precision)
+    half = torch.bfloat16 if "bf16" in str(precision) else torch.float16
+    true_half = str(precision) in ("bf16-true", "16-true", "bf16", "16")
+    master = half if true_half else torch.float32
+    frozen = frozen_dtype or master
+    # Trained weights in the master dtype; the UNet's frozen part (an adapter method's base) too, since the
+    # module keeps the UNet whole; the VAE and a frozen text encoder in `frozen` dtype.
+    weights = 0
+    for name, comp in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
+        for p in comp.parameters():
+            dt = master if (p.requires_grad or name == "unet") else frozen
+            weights += _nbytes(p.numel(), dt)
+    grads = _nbytes(trainable, master)
+    state = OPTIMIZER_STATE_BYTES.get(optimizer)
+    if state is None:
+        notes.append(f"optimizer {optimizer!r}: state size unknown, assumed AdamW's 8 B/parameter")
+        state = 8
+    opt = trainable * state
+    # Autocast caches its half-precision copy of every trainable leaf weight for the whole forward pass; the
+    # frozen fp32 weights are cast per use (transient, not counted).
+    autocast = _nbytes(trainable, half) if mixed else 0
+    # Activations: the trace runs in the compute dtype. Under autocast, matmul/conv outputs are half but norms
+    # (GroupNorm, LayerNorm) run and are saved in fp32, and SiLU after a GroupNorm saves fp32 too; counting
+    # the two endpoints, mixed precision sits about half-way between a pure-half and a pure-fp32 trace.
+    hw = int(resolution) // (2 ** (len(configs["vae"]["block_out_channels"]) - 1))
+    b = int(batch_size) * (2 if prior else 1)
+
+    def act(dt):
+        return unet_activation_bytes(unet, configs["text_encoder"], b, hw, dt, gradient_checkpointing, attention,
+                                     te_grad)
+    activations = (act(torch.float32) + act(half)) // 2 if mixed else act(master)
+    parts = {"weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": autocast,
+             "activations": activations, "overhead": CUDA_OVERHEAD_BYTES if device.startswith("cuda") else 0}
+    if te_grad:
+        notes.append("text-encoder activations not traced (small beside the UNet's: 77 tokens)")
+    return MemoryEstimate(params, trainable, parts, device, capacity, notes)
+
+
+def device_capacity(accelerator: str) -> tuple[str, int | None]:
+    """(device name, total bytes) of the device a run will use; CPU memory is not checked (swap, other jobs)."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"cuda:0 ({props.name})", int(props.total_memory)
+    return "cpu", None
+
+
+def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None) -> MemoryEstimate | None:
+    """The estimate for a composed train config; raises UserError when it exceeds the device. `capacity`
+    overrides the detected device memory (bytes; tests, or a share of a larger card)."""
+    if not cfg.get("memory", {}).get("plan", True):
+        return None
+    try:
+        configs = read_configs(model_ref, cfg.model.revision)
+    except Exception as e:  # noqa: BLE001 - a planner must never stop a run it cannot plan
+        log.warning("memory plan skipped: cannot read the model configs (%s)", e.__class__.__name__)
+        return None
+    device, detected = device_capacity(str(cfg.trainer.get("accelerator", "auto")))
+    given = cfg.get("memory", {}).get("capacity_gb")
+    cap = capacity if capacity is not None else (int(float(given) * GB) if given is not None else detected)
+    precision = str(cfg.trainer.precision)
+    on_gpu = device.startswith("cuda")
+    frozen = resolve_frozen_dtype(cfg.model.get("frozen_dtype", "auto"), precision, on_gpu)
+    opt = str(cfg.optimizer.get("_target_", "torch.optim.AdamW")).rsplit(".", 1)[-1]
+    try:
+        est = estimate(configs, method, resolution=int(cfg.data.resolution), batch_size=int(cfg.data.batch_size),
+                       prior=float(cfg.prior.get("weight", 0.0)) > 0, precision=precision,
+                       gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=opt,
+                       attention=str(cfg.model.get("attention", "sdpa")), frozen_dtype=frozen,
+                       device=device, capacity=cap)
+    except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
+        log.warning("memory plan skipped: %s: %s", e.__class__.__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    log.info(est.line())
+    if not est.fits:
+        raise UserError(
+            f"estimated peak memory {human(est.total)} exceeds {device}'s {human(cap)} "
+            f"(resolution {cfg.data.resolution}, batch {cfg.data.batch_size}, precision {precision}); try "
+            f"model.gradient_checkpointing=true, optimizer=adamw8bit, method=lora or a smaller data.resolution "
+            f"(memory.plan=false skips this check)")
+    return est
+
+
+def resolve_frozen_dtype(setting: Any, precision: str, on_gpu: bool) -> torch.dtype | None:
+    """`model.frozen_dtype`: auto -> the autocast dtype on a GPU under mixed precision (frozen VAE and text
+    encoder need no fp32 master copy), else None (left as loaded); or an explicit fp32 / bf16 / fp16."""
+    s = str(setting).lower()
+    if s in ("none", "null", "fp32", "float32"):
+        return None if s in ("none", "null") else torch.float32
+    if s == "auto":
+        if on_gpu and "mixed" in precision:
+            return torch.bfloat16 if "bf16" in precision else torch.float16
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if s not in table:
+        raise ValueError(f"model.frozen_dtype={setting!r}: auto, fp32, bf16 or fp16")
+    return table[s]

@@ -1,0 +1,87 @@
+"""Speed switches of a training run, each one config key; `make bench` shows what each is worth.
+
+    model.channels_last   UNet weights in NHWC: cuDNN's fastest conv kernels under bf16/fp16 (tensor cores)
+    model.compile         torch.compile the UNet's forward in place (parameter names, checkpoints unchanged)
+    model.frozen_dtype    auto: frozen VAE / text encoder in the autocast dtype on a GPU (no fp32 copy needed)
+    optimizer.fused       null: fused AdamW wherever torch has the kernel for the parameters' device
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from dreambench.memory import resolve_frozen_dtype
+
+log = logging.getLogger("dreambench")
+
+
+def apply_channels_last(unet: torch.nn.Module, enabled: bool) -> None:
+    if enabled:
+        unet.to(memory_format=torch.channels_last)
+
+
+def cast_frozen(module: Any, setting: Any, precision: str, device: torch.device) -> None:
+    """Frozen VAE (unless kept fp32 on purpose, see resilience.numerics) and frozen text encoder to the
+    autocast dtype. Their fp32 tensors are kept on the host so that an exported pipeline carries the base
+    model's exact weights, not a bf16 round trip (`restore_frozen`)."""
+    dtype = resolve_frozen_dtype(setting, str(precision), device.type == "cuda")
+    if dtype is None or dtype == torch.float32:
+        return
+    keep: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ("vae", "text_encoder"):
+        m = getattr(module, name)
+        if any(p.requires_grad for p in m.parameters()) or getattr(m, "_dreambench_fp32", False):
+            continue
+        keep[name] = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
+        m.to(dtype=dtype)
+    module._frozen_fp32 = keep
+    if keep:
+        log.info("frozen %s in %s (model.frozen_dtype=%s)", " and ".join(keep), dtype, setting)
+
+
+def restore_frozen(module: Any) -> None:
+    for name, state in (getattr(module, "_frozen_fp32", None) or {}).items():
+        m = getattr(module, name)
+        m.to(dtype=torch.float32)
+        m.load_state_dict(state)
+    module._frozen_fp32 = {}
+
+
+def compile_unet(unet: torch.nn.Module, enabled: bool) -> None:
+    # nn.Module.compile compiles forward in place: state_dict keys keep their names (torch.compile(m) would
+    # wrap them under `_orig_mod.`, breaking checkpoints and export). The first steps pay the compile time.
+    if enabled:
+        unet.compile()
+
+
+def optimizer_kwargs(opt_cfg: Any, params: list[torch.Tensor]) -> dict[str, Any]:
+    """`optimizer.fused: null` -> fused when the optimizer takes `fused` and torch has the fused kernel for
+    every parameter's device and dtype (CUDA, and CPU since torch 2.4); true / false are passed as given."""
+    if "fused" not in opt_cfg or opt_cfg.get("fused") is not None:
+        return {}
+    from hydra.utils import get_class
+    cls = get_class(str(opt_cfg._target_))
+    if "fused" not in inspect.signature(cls).parameters:
+        return {}
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    ok_devices = set(_get_fused_kernels_supported_devices())
+    ok = bool(params) and all(p.device.type in ok_devices and p.is_floating_point() for p in params)
+    return {"fused": ok}
+
+
+class FirstStepClock:
+    """Logs the wall-clock time (unix seconds) when the first training step starts: `make bench` reads it to
+    measure start-up (command -> first step)."""
+
+    def __init__(self):
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            log.info("first training step at %.3f (unix s)", time.time())
