@@ -131,8 +131,9 @@ def trainable_parameters(method: Any, unet, text_encoder, vae) -> tuple[int, boo
         text_encoder.requires_grad_(full_te)
         n = sum(p.numel() for p in unet.parameters()) + (sum(p.numel() for p in text_encoder.parameters())
                                                           if full_te else 0)
-        return n, full_te, [f"method {getattr(method, 'name', method)!r} could not be planned exactly "
-                            f"({e.__class__.__name__}); assumed the whole UNet is trained (an upper bound)"]
+        note = (f"method {getattr(method, 'name', method)!r} could not be planned exactly "
+                f"({e.__class__.__name__}); assumed the whole UNet is trained (an upper bound)")
+        return n, full_te, [note]
 
 
 # ---- activations: one traced forward pass on meta tensors ------------------------------------------------------

@@ -36,6 +36,7 @@ class Plan:
     model_ref: str
     subject: Any
     resume: Path | None = None  # the checkpoint to continue from (resume=auto|path, checked here)
+    memory: Any = None  # dreambench.memory.MemoryEstimate (None: memory.plan=false or not plannable)
 
 
 def prepare(cfg: DictConfig) -> Plan:
@@ -43,6 +44,7 @@ def prepare(cfg: DictConfig) -> Plan:
 
     from dreambench.data import dreambench as db
     from dreambench.data.images import BadImageError, validate_image_folder
+    from dreambench.memory import plan_for
     from dreambench.models.loading import ModelNotFoundError, check_model_ref, resolve_model_ref
 
     from dreambench.resilience import resolve_resume
@@ -68,11 +70,13 @@ def prepare(cfg: DictConfig) -> Plan:
         prior.check(res)
         ref = resolve_model_ref(cfg.model)
         check_model_ref(ref, cfg.model.revision)
+        # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
+        memory = plan_for(cfg, ref, instantiate(cfg.method))
     except (db.DatasetNotFoundError, BadImageError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     except KeyError as e:  # unknown subject
         raise UserError(e.args[0]) from None
-    return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume)
+    return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -168,6 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "method": method.summary(),
                 "prior": {"weight": plan.prior.weight, **plan.prior.summary()},
                 "model": plan.model_ref,
+                "memory_plan": plan.memory.summary() if plan.memory else None,
                 "run_dir": str(run_dir),
             }
             atomic_write_json(run_dir / "metrics.json", metrics)
