@@ -15,6 +15,10 @@ class Method:
     # caching the embeddings once.
     train_text_encoder = False
 
+    def identifier_token(self, identifier: str) -> str:
+        # What the prompts carry for the subject: the identifier itself, or a new token (textual inversion).
+        return identifier
+
     def prepare(self, module: Any) -> None:
         raise NotImplementedError
 

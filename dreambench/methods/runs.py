@@ -1,0 +1,67 @@
+"""Loading any method's run back as a pipeline: `<run>/model/` holds the method's artefact (a whole diffusers
+pipeline for dreambooth; LoRA weights or a learned embedding for lora / textual_inversion) and, for the
+latter, `method.json` naming the base model and the artefact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METHOD_FILE = "method.json"
+
+
+def write_method_json(folder: Path, run_cfg: DictConfig, info: dict[str, Any]) -> None:
+    from dreambench.utils.io import atomic_write_json
+
+    m = run_cfg.model
+    base = {k: OmegaConf.select(m, k) for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny")}
+    atomic_write_json(Path(folder) / METHOD_FILE, {**info, "base_model": base})
+
+
+def read_method_json(model_dir: Path) -> dict[str, Any] | None:
+    f = Path(model_dir) / METHOD_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def load_base_pipeline(base: dict[str, Any]):
+    from diffusers import StableDiffusionPipeline
+
+    from dreambench.models.loading import resolve_model_ref
+
+    # model=tiny is rebuilt (seeded, identical) where its cache folder is gone.
+    ref = resolve_model_ref(OmegaConf.create(base))
+    pipe = StableDiffusionPipeline.from_pretrained(ref, revision=base.get("revision"), variant=base.get("variant"),
+                                                   use_safetensors=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    if base.get("prediction_type"):  # as in training (e.g. sd21 768 px is v-prediction)
+        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
+                                                              prediction_type=base["prediction_type"])
+    return pipe
+
+
+def load_run_pipeline(run_dir: str | Path):
+    """The tuned model of any method's run as a `StableDiffusionPipeline` (on CPU, fp32; progress bar off)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambench.methods import METHODS
+
+    model_dir = Path(run_dir) / "model"
+    info = read_method_json(model_dir)
+    if info is None:
+        if not (model_dir / "model_index.json").is_file():
+            raise FileNotFoundError(f"{run_dir}: no exported model ({model_dir} has neither model_index.json "
+                                    f"nor {METHOD_FILE})")
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    else:
+        cls = METHODS.get(info.get("method"))
+        if cls is None:
+            raise ValueError(f"{model_dir / METHOD_FILE}: unknown method {info.get('method')!r} "
+                             f"(known: {', '.join(METHODS)})")
+        pipe = load_base_pipeline(info["base_model"])
+        cls.load_artefact(pipe, model_dir, info)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
