@@ -12,7 +12,7 @@ CONF = REPO / "conf"
 # A tiny CPU run: few steps, few class images, few sampling steps, no W&B.
 TINY = ["model=tiny", "logger=csv", "progress=false", "trainer.max_steps=6", "prior.num_images=2",
         "prior.batch_size=2", "guidance.num_inference_steps=2", "train.sample_every_n_steps=0",
-        "train.checkpoint_every_n_steps=0", "optimizer.lr=1e-3"]
+        "train.checkpoint_every_n_steps=0", "optimizer.lr=1e-3", "trainer.log_every_n_steps=1"]
 
 
 def compose(overrides: list[str], config_name: str = "train"):

@@ -125,7 +125,7 @@ def _problem(path: Path, min_size: int, first_with_hash: dict[str, Path]) -> str
 
 
 def validate_image_folder(folder: str | Path, min_size: int, on_bad: str = "error",
-                          what: str = "instance images") -> list[Path]:
+                          what: str = "instance images", policy_key: str = "on_bad") -> list[Path]:
     if on_bad not in ON_BAD:
         raise ValueError(f"on_bad must be one of {', '.join(map(repr, ON_BAD))}, got {on_bad!r}")
     folder = Path(folder)
@@ -157,7 +157,7 @@ def validate_image_folder(folder: str | Path, min_size: int, on_bad: str = "erro
 
     if problems and on_bad == "error":
         raise BadImageError(problems, header=f"{len(problems)} bad file(s) in {what} folder {folder} "
-                                             f"(fix or remove them, or set on_bad=skip):")
+                                             f"(fix or remove them, or set {policy_key}=skip):")
     for path, reason in problems:
         log.warning("%s: skipping %s: %s", what, path, reason)
     if not good:

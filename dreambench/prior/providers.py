@@ -105,7 +105,8 @@ class FolderPrior:
     def check(self, resolution: int) -> None:
         from dreambench.data.images import validate_image_folder
         self.paths = validate_image_folder(self.folder, min_size=resolution, on_bad=self.on_bad_image,
-                                          what="class images (prior=folder)")
+                                          what="class images (prior=folder)",
+                                          policy_key="prior.on_bad_image")
         if self.num_images:
             if len(self.paths) < self.num_images:
                 raise ValueError(f"prior.num_images={self.num_images} but {self.folder} has {len(self.paths)} usable images")

@@ -1,0 +1,124 @@
+"""A tiny run end to end, in process and through the CLI, and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import TINY, compose, run_cli
+
+
+def _reload_and_generate(model_dir: Path) -> Image.Image:
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_in_process_run_writes_the_run_folder(tmp_path):
+    from dreambench.train import train
+
+    run = tmp_path / "run"
+    cfg = compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "train.checkpoint_every_n_steps=3",
+                   "train.sample_every_n_steps=3"])
+    metrics = train(cfg)
+
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["steps"] == 6 and metrics["identifier"] == "sks" and metrics["instance_prompt"] == "a sks dog"
+    for key in ("train/loss", "train/loss_instance", "train/loss_prior", "wall_time_s"):
+        assert isinstance(metrics[key], float) and metrics[key] == metrics[key]  # present and not NaN
+    assert metrics["prior"]["kind"] == "generated" and metrics["prior"]["count"] == 2
+    assert (run / "config.yaml").read_text().count("subject: dog") == 1
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step_000000.png", "step_000003.png", "step_000006.png"]
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in ckpts] == ["step=000006.ckpt"]  # keep_checkpoints=1
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(k.startswith("unet.") for k in state)  # only what was trained, not the VAE
+    assert (run / "logs" / "metrics.csv").is_file()
+    image = _reload_and_generate(run / "model")
+    assert image.size == (32, 32)
+
+    # The same class-image key hits the cache; a changed sampling setting misses it.
+    again = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'again'}", "trainer.max_steps=1"]))
+    assert again["prior"]["cache_hit"] is True and again["prior"]["folder"] == metrics["prior"]["folder"]
+    changed = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'changed'}", "trainer.max_steps=1",
+                             "guidance.guidance_scale=3.0"]))
+    assert changed["prior"]["cache_hit"] is False and changed["prior"]["folder"] != metrics["prior"]["folder"]
+
+
+def test_trained_weights_differ_from_the_base_and_frozen_ones_do_not(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from dreambench.train import train
+    run = tmp_path / "run"
+    no_prior = [o for o in TINY if not o.startswith("prior.")]
+    train(compose(["+experiment=dog", *no_prior, f"paths.run_dir={run}", "prior=none"]))
+    for part, changed in [("unet", True), ("vae", False), ("text_encoder", False)]:
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = load_file(tiny_model_dir / part / name), load_file(run / "model" / part / name)
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same != changed, part
+
+
+def test_cli_run_with_wandb_offline(tmp_path):
+    run = tmp_path / "cli-run"
+    r = run_cli("dreambench.train", ["+experiment=dog", *[o for o in TINY if not o.startswith("logger")],
+                                     f"hydra.run.dir={run}"], env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"dreambench: run folder: {run}" in r.stdout
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert _reload_and_generate(run / "model").size == (32, 32)
+
+
+def _bad_images(folder: Path) -> Path:
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return folder
+
+
+ERROR_CASES = {
+    "no subject": ([], "missing required config value(s): data.class_noun, data.live, data.subject"),
+    "unknown subject": (["+experiment=dog", "data.subject=dogg"], "'dogg' is not in DreamBench"),
+    "missing dataset": (["+experiment=dog", "paths.dataset_dir=/nonexistent/dreambench"],
+                        "DreamBench data set not found at /nonexistent/dreambench"),
+    "missing model": (["+experiment=dog", "model.pretrained=/nonexistent/sd15", "model.build_tiny=false"],
+                      "model.pretrained=/nonexistent/sd15: no diffusers model folder there"),
+    "hub model offline": (["+experiment=dog", "model=sd15"], "cannot reach it on the hub nor in the local cache"),
+    "bad image": (["+experiment=dog", "data.instance_dir={bad}"], "broken.jpg: truncated or corrupt"),
+    "bad resolution": (["+experiment=dog", "data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_bad_input_is_one_clear_line_before_any_model_loads(case, tmp_path):
+    overrides, expected = ERROR_CASES[case]
+    overrides = [o.format(bad=_bad_images(tmp_path / "photos")) if "{bad}" in o else o for o in overrides]
+    cache = tmp_path / "cache"
+    base = [o for o in TINY if not (case == "hub model offline" and o == "model=tiny")]
+    r = run_cli("dreambench.train", [*overrides, *base, f"hydra.run.dir={tmp_path / 'run'}"],
+                env={**os.environ, "DREAMBENCH_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dreambench: error:")]
+    # one error; a bad-image error goes on with one indented line per bad file
+    message = r.stderr[r.stderr.index("dreambench: error:"):] if lines else ""
+    assert len(lines) == 1 and expected in message, r.stderr[-2000:]
+    if case == "bad image":
+        assert "set data.on_bad_image=skip" in lines[0]
+    assert "Traceback" not in r.stderr
+    if case != "missing model":  # data and config errors come before the (tiny) model is even built
+        assert not (cache / "tiny-sd-v2").exists()
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    r = run_cli("dreambench.train", ["+experiment=dog", *TINY, "optimizer.learning_rate=1e-4",
+                                     f"hydra.run.dir={tmp_path / 'run'}"])
+    assert r.returncode != 0 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
