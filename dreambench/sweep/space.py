@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,10 +25,13 @@ def distribution(override: Override) -> BaseDistribution:
         return CategoricalDistribution(tuple(override.sweep_iterator(transformer=Transformer.encode)))
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step
+        # range() excludes stop; Optuna's bounds are inclusive: high is the last value range() yields.
+        n = math.ceil((stop - start) / step)
+        if n < 1:
+            raise ValueError(f"{key}: {override.input_line!r} is empty")
         if all(isinstance(x, int) for x in (start, stop, step)):
-            # range() excludes stop; Optuna's bounds are inclusive.
-            return IntDistribution(int(start), int(stop) - int(step), step=int(step))
-        return FloatDistribution(float(start), float(stop) - float(step), step=float(step))
+            return IntDistribution(int(start), int(start + (n - 1) * step), step=int(step))
+        return FloatDistribution(float(start), float(start + (n - 1) * step), step=float(step))
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):

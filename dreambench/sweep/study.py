@@ -43,8 +43,19 @@ def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" in url:
-        # pool_pre_ping: a cluster job may hold a connection across a database restart.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        import random
+
+        import sqlalchemy.exc
+        for attempt in range(5):
+            try:
+                # pool_pre_ping: a cluster job may hold a connection across a database restart.
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            except sqlalchemy.exc.IntegrityError:
+                # Workers started together on an empty database race to create Optuna's tables (seen with
+                # PostgreSQL: "duplicate key ... pg_type_typname_nsp_index"); the loser finds them made on retry.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 + random.random())
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url))
