@@ -201,8 +201,15 @@ class DreamBoothModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs after setup() (Lightning restores after it), so the noise generator exists and the class images
         # and latents were made from the base model before the tuned weights came back.
+        # The states are applied in on_train_start, after the callbacks' on_train_start (a step-0 sample grid of
+        # the resumed run draws from the global torch RNG; the uninterrupted run made no grid at this step).
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        resilience.restore_rng(resilience.rank_state(checkpoint.get("dreambench_rng"), rank), self.noise_generator)
+        self._pending_rng = resilience.rank_state(checkpoint.get("dreambench_rng"), rank)
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            resilience.restore_rng(self._pending_rng, self.noise_generator)
+            self._pending_rng = None
 
     # ---- export --------------------------------------------------------------------------------------------
     def base_pipeline(self):
