@@ -23,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # One tiny trial of dreambench.train (the CSV logger every 2 steps, for compare's loss curves).
-TINY_TRIAL = ["+experiment=dog", "+hparams_search=lr_prior", "model=tiny", "logger=csv", "progress=false",
+TINY_TRIAL = ["-m", "+experiment=dog", "+hparams_search=lr_prior", "model=tiny", "logger=csv", "progress=false",
               "trainer.max_steps=6", "trainer.log_every_n_steps=2", "prior.num_images=2", "prior.batch_size=2",
               "guidance.num_inference_steps=2", "train.samples=false", "train.checkpoint_every_n_steps=0",
               "train.export_model=false", "optimized_metric=[train/loss_instance]", "sweep.directions=[minimize]",
