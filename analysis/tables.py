@@ -1,0 +1,333 @@
+"""`python -m analysis.tables <folder> [--table table1|table3|table4] [--out DIR]`: the paper's tables from run
+folders, ours beside the paper's.
+
+Reads only what the recipes (experiments/table*.sh) leave on disk: every run folder under <folder> (its
+config.yaml says `recipe.table`, `recipe.row`, `data.subject`, `seed`; its eval/metrics.json the per-subject
+scores of `python -m dreambench.evaluate`) and, for Table 1's "Real images" row, <folder>/real/eval/metrics.json.
+A row's number is the unweighted mean over subjects (a subject with several seeds: their mean first) with a 95%
+percentile bootstrap interval over subjects (1000 resamples, seed 0: the evaluation's own procedure). Writes to
+<folder>/tables/ (or --out), per table:
+
+    <table>.md  <table>.tex  <table>.csv   ours [95% CI], the paper's, ours - paper, subjects
+    <table>_bars.png                       bars with intervals per row and metric, the paper's as markers
+    <table>_scatter.png                    per-subject DINO vs CLIP-T (CLIP-I where a table has no CLIP-T)
+    report.html                            all tables, image grids per subject and row, protocol, differences
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis.paper import LABELS, TABLES, Table
+
+BOOT = {"samples": 1000, "seed": 0, "level": 0.95}
+
+
+@dataclass
+class Run:
+    folder: Path
+    table: str
+    row: str
+    subject: str
+    seed: int
+    scores: dict[str, float]  # this run's subject's eval numbers; absent: not evaluated / not computable
+    reasons: dict[str, str]  # metric -> why there is no number ("unavailable: ...")
+    protocol: dict | None
+
+
+@dataclass
+class Cell:
+    mean: float = math.nan
+    lo: float = math.nan
+    hi: float = math.nan
+    n: int = 0
+    reason: str = ""
+
+
+@dataclass
+class RowResult:
+    key: str
+    label: str
+    cells: dict[str, Cell]
+    paper: dict[str, float | None]
+    per_subject: dict[str, dict[str, float]] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+
+
+def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, str]]:
+    scores, reasons = {}, {}
+    for name, value in eval_json.get("metrics", {}).items():
+        if isinstance(value, dict):
+            v = value.get("per_subject", {}).get(subject)
+            if v is not None and math.isfinite(v):
+                scores[name] = float(v)
+        else:
+            reasons[name] = str(value)
+    return scores, reasons
+
+
+def find_runs(folder: Path) -> list[Run]:
+    runs = []
+    for cfg_file in sorted(folder.rglob("config.yaml")):
+        if "eval" in cfg_file.parts[len(folder.parts):]:
+            continue
+        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+        recipe = cfg.get("recipe") or {}
+        if not recipe.get("table"):
+            continue  # a run that no table recipe made
+        run = cfg_file.parent
+        subject = str(cfg["data"]["subject"])
+        ev_file = run / "eval" / "metrics.json"
+        ev = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
+        scores, reasons = _scores(ev, subject)
+        if not ev:
+            reasons = {"*": "not evaluated (no eval/metrics.json)"}
+        runs.append(Run(run, str(recipe["table"]), str(recipe["row"]), subject, int(cfg.get("seed", 0)), scores,
+                        reasons, ev.get("protocol")))
+    return runs
+
+
+def real_row(folder: Path) -> tuple[dict[str, dict[str, float]], dict[str, str], dict | None]:
+    f = folder / "real" / "eval" / "metrics.json"
+    if not f.is_file():
+        return {}, {"*": f"no real-images evaluation ({f} missing)"}, None
+    ev = json.loads(f.read_text())
+    per = {s: {k: float(v) for k, v in d.items()} for s, d in ev.get("per_subject", {}).items()}
+    reasons = {k: str(v) for k, v in ev.get("metrics", {}).items() if not isinstance(v, dict)}
+    return per, reasons, ev.get("protocol")
+
+
+def aggregate(per_subject: dict[str, dict[str, float]], metric: str, reason: str = "") -> Cell:
+    from dreambench.metrics.functional import bootstrap_ci
+
+    vals = [d[metric] for d in per_subject.values() if metric in d]
+    if not vals:
+        return Cell(reason=reason or "no data")
+    lo, hi = bootstrap_ci(vals, BOOT["samples"], BOOT["seed"], BOOT["level"])
+    return Cell(sum(vals) / len(vals), lo, hi, len(vals))
+
+
+def build(folder: Path, table: Table) -> list[RowResult]:
+    runs = [r for r in find_runs(folder) if r.table == table.name]
+    subjects = sorted({r.subject for r in runs})
+    out = []
+    for row in table.rows:
+        if row.key == "real":
+            per, reasons, _ = real_row(folder)
+            per = {s: v for s, v in per.items() if not subjects or s in subjects}
+            mine: list[Run] = []
+        else:
+            mine = [r for r in runs if r.row == row.key]
+            per = {}
+            for s in sorted({r.subject for r in mine}):  # several seeds of a subject: their mean first
+                seeds = [r.scores for r in mine if r.subject == s]
+                keys = set().union(*seeds)
+                per[s] = {k: sum(x[k] for x in seeds if k in x) / sum(k in x for x in seeds) for k in keys}
+            reasons = {}
+            for r in mine:
+                reasons.update(r.reasons)
+            if not mine:
+                reasons = {"*": "no runs"}
+        cells = {m: aggregate(per, m, reasons.get(m) or reasons.get("*", "")) for m in table.metrics}
+        if row.key == "real":  # CLIP-T has no meaning for real images (no prompt)
+            cells = {m: (Cell(reason="n/a") if row.paper.get(m) is None and not c.n else c) for m, c in cells.items()}
+        out.append(RowResult(row.key, row.label, cells, row.paper, per, mine))
+    return out
+
+
+def smoke_note(rows: list[RowResult]) -> str | None:
+    """A warning when the numbers come from the tiny model or tiny encoders (smoke runs): they check the
+    pipeline end to end, not the paper."""
+    for r in rows:
+        for run in r.runs:
+            cfg = yaml.safe_load((run.folder / "config.yaml").read_text()) or {}
+            enc = json.dumps((run.protocol or {}).get("encoders", {}))
+            if (cfg.get("model") or {}).get("build_tiny") or "tiny-encoders" in enc:
+                return ("SMOKE RUN: tiny random model and/or tiny random encoders — these numbers test the "
+                        "pipeline end to end and mean nothing about the paper.")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+
+def fmt(x: float | None, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def ours(c: Cell) -> str:
+    return f"{fmt(c.mean)} [{fmt(c.lo)}, {fmt(c.hi)}]" if c.n else (c.reason or "n/a")
+
+
+def diff(c: Cell, paper: float | None) -> float | None:
+    return c.mean - paper if c.n and paper is not None else None
+
+
+def to_markdown(table: Table, rows: list[RowResult]) -> str:
+    head = ["row"] + [f"{LABELS[m]} {h}" for m in table.metrics for h in ("ours [95% CI]", "paper", "Δ")] + ["n"]
+    lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for m in table.metrics:
+            c, p = r.cells[m], r.paper.get(m)
+            d = diff(c, p)
+            cells += [ours(c), fmt(p), "n/a" if d is None else f"{d:+.3f}"]
+        n = max((c.n for c in r.cells.values()), default=0)
+        lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
+    warn = smoke_note(rows)
+    lines += ([""] + [f"**{warn}**"] if warn else []) + [
+        "", "Ours: mean over subjects [95% bootstrap interval over subjects]; Δ = ours − paper. "
+        "Known differences from the paper:", ""] + [f"- {n}" for n in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    return (s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
+            .replace("#", r"\#").replace("λ", r"$\lambda$"))
+
+
+def to_latex(table: Table, rows: list[RowResult]) -> str:
+    m = table.metrics
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "ccc" * len(m) + "}", r"\toprule",
+             " & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{LABELS[x]}}}" for x in m) + r" \\",
+             " & ".join(["Method"] + ["ours", "paper", r"$\Delta$"] * len(m)) + r" \\", r"\midrule"]
+    for r in rows:
+        cells = []
+        for x in m:
+            c, p = r.cells[x], r.paper.get(x)
+            d = diff(c, p)
+            cells += [rf"{c.mean:.3f} \tiny{{[{c.lo:.3f}, {c.hi:.3f}]}}" if c.n else "--",
+                      fmt(p) if p is not None else "--", f"{d:+.3f}" if d is not None else "--"]
+        lines.append(" & ".join([_tex(r.label)] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}",
+              rf"\caption{{{_tex(table.title)}. Ours: mean over subjects with a 95\% bootstrap interval; "
+              r"paper: Ruiz et al.\ (CVPR 2023).}", rf"\label{{tab:{table.name}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table, rows: list[RowResult]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["table", "row", "label", "metric", "ours", "ci95_lo", "ci95_hi", "n_subjects", "paper", "diff",
+                "note"])
+    for r in rows:
+        for m in table.metrics:
+            c, p = r.cells[m], r.paper.get(m)
+            d = diff(c, p)
+            w.writerow([table.name, r.key, r.label, m] + ([f"{c.mean:.6f}", f"{c.lo:.6f}", f"{c.hi:.6f}"]
+                                                          if c.n else ["", "", ""])
+                       + [c.n, "" if p is None else p, "" if d is None else f"{d:.6f}", "" if c.n else c.reason])
+    return buf.getvalue()
+
+
+def plot_bars(table: Table, rows: list[RowResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = table.metrics
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(m) * max(1, len(rows)) / 2, 3.4))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(m))]
+        ys = [r.cells[x].mean if r.cells[x].n else 0.0 for x in m]
+        err = [[(r.cells[x].mean - r.cells[x].lo) if r.cells[x].n else 0 for x in m],
+               [(r.cells[x].hi - r.cells[x].mean) if r.cells[x].n else 0 for x in m]]
+        bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label=r.label, alpha=0.85)
+        px = [(x, r.paper[k]) for x, k in zip(xs, m) if r.paper.get(k) is not None]
+        if px:
+            ax.scatter([p[0] for p in px], [p[1] for p in px], marker="_", s=300, color="black", zorder=3,
+                       label="paper" if i == 0 else None)
+        for b, x in zip(bars, m):
+            if not r.cells[x].n:
+                ax.text(b.get_x() + b.get_width() / 2, 0.01, "n/a", ha="center", fontsize=7, rotation=90)
+    ax.set_xticks(range(len(m)), [LABELS[x] for x in m])
+    ax.set_ylabel("score (raw cosine; PRES lower is better)" if "pres" in m else "score (raw cosine)")
+    ax.set_title(table.title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_scatter(table: Table, rows: list[RowResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = "clip_t" if "clip_t" in table.metrics else "clip_i"
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
+    for r in rows:
+        pts = [(s, d["dino"], d[y]) for s, d in r.per_subject.items() if "dino" in d and y in d]
+        if not pts:
+            continue
+        sc = ax.scatter([p[1] for p in pts], [p[2] for p in pts], label=r.label, s=18)
+        for s, a, b in pts:
+            ax.annotate(s, (a, b), fontsize=5, alpha=0.7, color=sc.get_facecolor()[0])
+    ax.set_xlabel("DINO (per subject)")
+    ax.set_ylabel(f"{LABELS[y]} (per subject)")
+    ax.set_title(f"{table.name}: subject vs prompt fidelity", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(folder: Path, names: list[str] | None = None, out: Path | None = None) -> dict[str, list[RowResult]]:
+    from dreambench.utils.io import atomic_write_text
+
+    from analysis.report import write_report
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"analysis.tables: error: no such folder: {folder}")
+    found = {r.table for r in find_runs(folder)}
+    names = names or sorted(t for t in found if t in TABLES)
+    if not names:
+        raise SystemExit(f"analysis.tables: error: no run folders of a table recipe under {folder} (their "
+                         f"config.yaml has no recipe.table; see experiments/README.md)")
+    unknown = [n for n in names if n not in TABLES]
+    if unknown:
+        raise SystemExit(f"analysis.tables: error: unknown table {', '.join(unknown)} (known: {', '.join(TABLES)})")
+    out = Path(out) if out else folder / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        table = TABLES[name]
+        rows = build(folder, table)
+        atomic_write_text(out / f"{name}.md", to_markdown(table, rows))
+        atomic_write_text(out / f"{name}.tex", to_latex(table, rows))
+        atomic_write_text(out / f"{name}.csv", to_csv(table, rows))
+        plot_bars(table, rows, out / f"{name}_bars.png")
+        plot_scatter(table, rows, out / f"{name}_scatter.png")
+        results[name] = rows
+    write_report(folder, out, {n: (TABLES[n], rows) for n, rows in results.items()})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m analysis.tables", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="a table's output folder (experiments/table1, ...)")
+    p.add_argument("--table", action="append", choices=sorted(TABLES), help="default: every table found")
+    p.add_argument("--out", type=Path, default=None, help="default: <folder>/tables")
+    a = p.parse_args(argv)
+    results = render(a.folder, a.table, a.out)
+    out = a.out or a.folder / "tables"
+    for name in results:
+        sys.stdout.write((out / f"{name}.md").read_text() + "\n")
+    print(f"analysis.tables: wrote {out}/ (report.html)")
+
+
+if __name__ == "__main__":
+    main()
