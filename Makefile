@@ -42,3 +42,26 @@ test-fast: $(STAMP) ## the test suite without tests marked slow
 
 clean-runs: ## remove the run folders under experiments/ (keeps the recipes)
 	find experiments -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+
+# The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
+# SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.
+TABLE_ARGS ?= trainer=gpu
+.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke
+
+table1: $(STAMP) ## Table 1: DreamBooth vs Textual Inversion, 30 subjects + real images (GPU, real SD weights)
+	PY=$(BIN)/python bash experiments/table1.sh $(TABLE_ARGS)
+
+table3: $(STAMP) ## Table 3: prior loss λ=1 vs λ=0, 30 subjects (GPU, real SD weights)
+	PY=$(BIN)/python bash experiments/table3.sh $(TABLE_ARGS)
+
+table4: $(STAMP) ## Table 4: class noun correct / none / wrong, 30 subjects (GPU, real SD weights)
+	PY=$(BIN)/python bash experiments/table4.sh $(TABLE_ARGS)
+
+table1-smoke: $(STAMP) ## Table 1 end to end on the tiny model: 2 subjects, 2 prompts (CPU, minutes)
+	PY=$(BIN)/python bash experiments/table1.sh --smoke
+
+table3-smoke: $(STAMP) ## Table 3 end to end on the tiny model (CPU, minutes)
+	PY=$(BIN)/python bash experiments/table3.sh --smoke
+
+table4-smoke: $(STAMP) ## Table 4 end to end on the tiny model (CPU, minutes)
+	PY=$(BIN)/python bash experiments/table4.sh --smoke
