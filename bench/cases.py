@@ -1,0 +1,381 @@
+"""The benchmark cases. Each returns rows: {case, variant, what, unit, median, q1, q3, min, max, n, ...}."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import (
+    ARCH,
+    PEAK_BF16,
+    REPO,
+    SD15_STEP_FLOP,
+    StepClock,
+    SyncCounter,
+    compose,
+    stats,
+    synthetic_images,
+    train_overrides,
+)
+
+NO_CUDA = "skipped: no CUDA device"
+
+
+@dataclass
+class Settings:
+    work: Path                    # synthetic images, run folders
+    reps: int = 5                 # repetitions of each measurement (interleaved across variants)
+    warmup: int = 5               # steps not timed (allocator, autotuning, compile)
+    steps: int = 40               # timed steps
+    quick: bool = False
+    cuda: bool = field(default_factory=torch.cuda.is_available)
+    log: Any = print
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.work / "instance"
+
+    @property
+    def class_dir(self) -> Path:
+        return self.work / "class"
+
+
+def prepare_work(s: Settings) -> None:
+    synthetic_images(s.instance_dir, 4, 512, seed=0)
+    synthetic_images(s.class_dir, 4, 512, seed=1)
+
+
+def row(case: str, variant: str, unit: str, values: list[float], what: str = "", **extra) -> dict[str, Any]:
+    return {"case": case, "variant": variant, "unit": unit, "what": what, **stats(values), **extra}
+
+
+def skipped(case: str, variant: str, reason: str, what: str = "") -> dict[str, Any]:
+    return {"case": case, "variant": variant, "unit": "", "what": what, "skipped": reason}
+
+
+# ---- one measurement each ---------------------------------------------------------------------------------------
+def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, sync_count: bool = False,
+                     memory: bool = False) -> dict[str, Any]:
+    """The real `dreambench.train.train(cfg)` (DreamBoothModule in a Lightning Trainer, CSV logger, all its
+    callbacks) on the bench's images; steps/s from the step hooks, after `s.warmup` steps."""
+    from dreambench.train import train
+    run_dir = Path(tempfile.mkdtemp(prefix=f"db-{tag}-", dir=s.work))
+    cfg = compose([*model, *train_overrides(s.work, run_dir, s.warmup + s.steps, extra)])
+    counter = SyncCounter() if sync_count else None
+    with StepClock(sync=s.cuda) as clock:
+        if counter is not None:  # count over the timed steps only
+            clock.at_step(s.warmup, counter.__enter__)
+            clock.after_step(s.warmup + s.steps - 1, lambda: counter.__exit__(None, None, None))
+        if memory and s.cuda:
+            clock.at_step(s.warmup, torch.cuda.reset_peak_memory_stats)
+        metrics = train(cfg)
+    out = {"steps_per_s": clock.steps_per_s(s.warmup), "memory_plan": metrics.get("memory_plan")}
+    if counter is not None:
+        out["syncs_per_step"] = counter.count / s.steps
+        out["sync_sites"] = counter.where
+    if memory and s.cuda:
+        out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_step: bool, fused: bool | None,
+                    precision: str = "32-true", sync_count: bool = False, memory: bool = False,
+                    channels_last: bool = False) -> dict[str, Any]:
+    from bench.reference_loop import ReferenceLoop
+    from dreambench.models.loading import load_components
+    comps = load_components(model_ref)
+    device = "cuda" if s.cuda else "cpu"
+    loop = ReferenceLoop(comps, sorted(s.instance_dir.glob("*.png")), sorted(s.class_dir.glob("*.png")),
+                         instance_prompt="a sks dog", class_prompt="a dog", resolution=resolution, lr=5e-6,
+                         fused=fused, device=device, precision=precision, encode_every_step=encode_every_step,
+                         channels_last=channels_last)
+    for _ in range(s.warmup):
+        loop.step()
+    if s.cuda:
+        torch.cuda.synchronize()
+        if memory:
+            torch.cuda.reset_peak_memory_stats()
+    counter = SyncCounter() if sync_count else contextlib.nullcontext()
+    with counter:
+        t0 = time.perf_counter()
+        for _ in range(s.steps):
+            loop.step()
+        if s.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    out = {"steps_per_s": s.steps / dt}
+    if sync_count:
+        out["syncs_per_step"] = counter.count / s.steps
+        out["sync_sites"] = counter.where
+    if memory and s.cuda:
+        out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    del loop, comps
+    return out
+
+
+def interleaved(s: Settings, variants: dict[str, Any], reps: int) -> dict[str, list[dict[str, Any]]]:
+    """Each variant `reps` times, round-robin, so that load on a shared machine hits all variants alike."""
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+    for r in range(reps):
+        for name, fn in variants.items():
+            res = fn()
+            results[name].append(res)
+            s.log(f"  [{r + 1}/{reps}] {name}: {res['steps_per_s']:.2f} steps/s")
+    return results
+
+
+# ---- cases ------------------------------------------------------------------------------------------------------
+def case_overhead(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
+    """Framework overhead, tiny model, this machine's CPU (or GPU if present)."""
+    tiny = ["model=tiny"]
+    variants = {
+        "reference loop, as used (VAE + text encoder every step, AdamW default)":
+            lambda: reference_steps(s, tiny_ref, 32, True, None),
+        "reference loop, equal work (cached latents + embeddings, AdamW fused=false)":
+            lambda: reference_steps(s, tiny_ref, 32, False, False),
+        "dreambench, as used (defaults: cached latents + embeddings, fused AdamW auto)":
+            lambda: dreambench_steps(s, tiny, [], "default"),
+        "dreambench, equal work (optimizer.fused=false)":
+            lambda: dreambench_steps(s, tiny, ["optimizer.fused=false"], "equal"),
+    }
+    res = interleaved(s, variants, s.reps)
+    names = list(variants)
+    med = {k: stats([r["steps_per_s"] for r in v])["median"] for k, v in res.items()}
+    rows = []
+    what = "tiny SD (1.0 M UNet), 32 px, batch 1 + 1 prior, fp32"
+    for k in names:
+        extra = {}
+        if k == names[2]:
+            extra["ratio_vs"] = {"reference, as used": med[names[2]] / med[names[0]]}
+        if k == names[3]:
+            extra["ratio_vs"] = {"reference, equal work": med[names[3]] / med[names[1]]}
+        rows.append(row("framework overhead", k, "steps/s", [r["steps_per_s"] for r in res[k]], what, **extra))
+    return rows
+
+
+def case_switches(s: Settings, baseline: float | None) -> list[dict[str, Any]]:
+    """What each speed switch does to dreambench's steps/s (tiny model; on a CPU most are GPU features)."""
+    switches = {
+        "optimizer.fused=true": ["optimizer.fused=true"],
+        "optimizer.fused=false": ["optimizer.fused=false"],
+        "model.channels_last=true": ["model.channels_last=true"],
+        "trainer.precision=bf16-mixed": ["trainer.precision=bf16-mixed"],
+        "model.gradient_checkpointing=true": ["model.gradient_checkpointing=true"],
+        "model.attention=eager": ["model.attention=eager"],
+    }
+    if not s.quick:
+        switches["model.compile=true"] = ["model.compile=true"]
+    else:
+        switches = dict(list(switches.items())[:1])
+    variants = {k: (lambda extra=v, k=k: dreambench_steps(s, ["model=tiny"], extra, re.sub(r"\W", "", k)))
+                for k, v in switches.items()}
+    res = interleaved(s, variants, max(2, s.reps - 2))
+    rows = []
+    for k, v in res.items():
+        vals = [r["steps_per_s"] for r in v]
+        extra = {"ratio_vs": {"dreambench defaults": stats(vals)["median"] / baseline}} if baseline else {}
+        rows.append(row("switches (tiny)", f"dreambench, {k}", "steps/s", vals,
+                        "tiny SD, 32 px, 1 + 1; ratio against dreambench's defaults above", **extra))
+    return rows
+
+
+def case_syncs(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
+    """Host-device synchronisations per step (`aten._local_scalar_dense` calls), counted on the timed steps."""
+    sub = Settings(s.work, reps=1, warmup=2, steps=10, quick=s.quick, cuda=s.cuda, log=s.log)
+    db = dreambench_steps(sub, ["model=tiny"], ["trainer.log_every_n_steps=5"], "sync", sync_count=True)
+    ref = reference_steps(sub, tiny_ref, 32, True, None, sync_count=True)
+    what = "aten._local_scalar_dense calls (.item(), bool(), float() on a tensor) per step, 10 steps, logging every 5"
+    return [row("host syncs per step", "dreambench", "syncs/step", [db["syncs_per_step"]], what,
+                sites=db["sync_sites"]),
+            row("host syncs per step", "reference loop (diffusers example)", "syncs/step", [ref["syncs_per_step"]],
+                what, sites=ref["sync_sites"])]
+
+
+FIRST_STEP = re.compile(r"first training step at ([0-9.]+) \(unix s\)")
+
+
+def case_startup(s: Settings) -> list[dict[str, Any]]:
+    """Seconds from `python -m dreambench.train ... model=tiny` to the first training step (a log line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    times, total = [], []
+    n = 1 if s.quick else 3
+    for i in range(n + 1):  # the first run warms the tiny-model build and the OS file cache: not counted
+        run_dir = Path(tempfile.mkdtemp(prefix="startup-", dir=s.work))
+        cmd = [sys.executable, "-m", "dreambench.train", "model=tiny",
+               *train_overrides(s.work, run_dir, 1, []), f"hydra.run.dir={run_dir}"]
+        cmd = [c for c in cmd if not c.startswith("paths.run_dir=")]
+        t0 = time.time()
+        p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        t_end = time.time()
+        m = FIRST_STEP.search(p.stdout + p.stderr)
+        if p.returncode != 0 or not m:
+            raise RuntimeError(f"start-up run failed (exit {p.returncode}): {(p.stderr or p.stdout)[-2000:]}")
+        if i > 0:
+            times.append(float(m.group(1)) - t0)
+            total.append(t_end - t0)
+        s.log(f"  start-up run {i}: {float(m.group(1)) - t0:.2f} s to the first step")
+    return [row("start-up", "python -m dreambench.train model=tiny (1 step)", "s to first step", times,
+                "command start -> first training step (interpreter, imports, config, checks, model load, "
+                "memory plan, latents)", whole_run_s=stats(total)["median"])]
+
+
+def case_class_images(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
+    """Class-image generation as dreambench does it (its pipeline from in-memory components, DDIM, CFG 7.5)."""
+    from dreambench.models.loading import load_components
+    from dreambench.sampling import build_pipeline, generate, make_scheduler
+    rows = []
+    steps = 50
+    guidance = {"num_inference_steps": steps, "guidance_scale": 7.5, "negative_prompt": ""}
+    setups = [("tiny", tiny_ref, 32, [1, 4] if s.quick else [1, 4, 8])]
+    if s.cuda:
+        setups.append(("sd15-random", str(sd15_random_folder(s)), 512, [1, 4, 8]))
+    else:
+        rows.append(skipped("class images", "SD 1.5 (random weights), 512², bf16 autocast", NO_CUDA))
+    for name, ref, res, batches in setups:
+        c = load_components(ref)
+        device = "cuda" if s.cuda else "cpu"
+        pipe = build_pipeline(c.unet.to(device), c.vae.to(device), c.text_encoder.to(device), c.tokenizer,
+                              make_scheduler("DDIMScheduler", c.scheduler_config))
+        g = dict(guidance, height=res, width=res)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if s.cuda else contextlib.nullcontext()
+        for b in batches:
+            with amp:
+                generate(pipe, ["a dog"] * b, list(range(b)), dict(g, num_inference_steps=2), batch_size=b,
+                         progress=False)  # warm-up
+            vals = []
+            for r in range(max(2, s.reps - 2)):
+                if s.cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with amp:
+                    generate(pipe, ["a dog"] * b, list(range(b)), g, batch_size=b, progress=False)
+                if s.cuda:
+                    torch.cuda.synchronize()
+                vals.append(b / (time.perf_counter() - t0))
+            rows.append(row("class images", f"{name}, {res}², batch {b}", "images/s", vals,
+                            f"{steps} DDIM steps, guidance 7.5 (2 UNet passes per step), decode included"))
+            s.log(f"  class images {name} batch {b}: {stats(vals)['median']:.2f} images/s")
+        del pipe, c
+    return rows
+
+
+def case_scoring(s: Settings) -> list[dict[str, Any]]:
+    """Evaluation scoring throughput, measured by the evaluation engineer's bench/bench_scoring.py."""
+    script = REPO / "bench" / "bench_scoring.py"
+    if not script.is_file():  # hook: bench_scoring.py belongs to the evaluation area
+        return [skipped("scoring", "DINO + CLIP image embeddings", "bench/bench_scoring.py not found")]
+    n, reps = (8, 2) if s.quick else (32, 3)
+    cmd = [sys.executable, str(script), "--images", str(n), "--repeats", str(reps), "--batch-size", "16",
+           "--device", "cuda" if s.cuda else "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        return [skipped("scoring", "DINO + CLIP image embeddings", f"bench_scoring.py failed: {p.stderr[-300:]}")]
+    data = json.loads(p.stdout[p.stdout.index("{"):])
+    rows = []
+    for key, label in (("tiny", "tiny test encoders"), ("vit_s16_plus_clip_b32_random",
+                                                         "ViT-S/16 (DINO) + CLIP ViT-B/32, random weights")):
+        if key in data:
+            d = data[key]
+            vals = [d["images"] / t for t in d.get("repeats_s", [d["median_s"]])]
+            rows.append(row("scoring", label, "images/s", vals, data.get("what", ""), source="bench/bench_scoring.py"))
+    return rows
+
+
+# ---- full size, GPU only ------------------------------------------------------------------------------------------
+def sd15_random_folder(s: Settings) -> Path:
+    """Randomly initialised SD 1.5 (bench/architectures), saved once as a diffusers folder (safetensors) so
+    dreambench and the reference load it through the same code as a real checkpoint."""
+    folder = s.work / "sd15-random"
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambench.models.tokenizer import build_tiny_tokenizer
+
+    def cfg(name):
+        return json.loads((ARCH / f"sd15_{name}.json").read_text())
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()  # token ids only feed the (random) text encoder: its vocabulary is moot
+    text_cfg = cfg("text")
+    text_cfg["vocab_size"] = max(text_cfg["vocab_size"], len(tokenizer))
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**cfg("vae")), text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+                                   tokenizer=tokenizer, unet=UNet2DConditionModel(**cfg("unet")), scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def case_full_size(s: Settings) -> list[dict[str, Any]]:
+    what = "random SD 1.5, 512², 1 + 1 prior batch, bf16 autocast, fp32 master weights + AdamW"
+    if not s.cuda:
+        return [skipped("full size (GPU)", v, NO_CUDA, what) for v in
+                ("reference loop, as used", "reference loop, equal work", "dreambench, as used",
+                 "dreambench, channels_last + compile")]
+    folder = str(sd15_random_folder(s))
+    sd15 = ["model=sd15", f"model.pretrained={folder}", "trainer=gpu", "data.resolution=512"]
+    sub = Settings(s.work, reps=max(2, s.reps - 2), warmup=s.warmup, steps=max(10, s.steps // 2), quick=s.quick,
+                   cuda=True, log=s.log)
+    variants = {
+        "reference loop, as used": lambda: reference_steps(sub, folder, 512, True, None, "bf16-mixed", memory=True),
+        "reference loop, equal work": lambda: reference_steps(sub, folder, 512, False, None, "bf16-mixed",
+                                                              memory=True),
+        "dreambench, as used": lambda: dreambench_steps(sub, sd15, [], "sd15", memory=True),
+        "dreambench, channels_last": lambda: dreambench_steps(sub, sd15, ["model.channels_last=true"], "cl",
+                                                              memory=True),
+    }
+    if not s.quick:
+        variants["dreambench, channels_last + compile"] = lambda: dreambench_steps(
+            sub, sd15, ["model.channels_last=true", "model.compile=true"], "compile", memory=True)
+    res = interleaved(sub, variants, sub.reps)
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    rows = []
+    ref_med = stats([r["steps_per_s"] for r in res["reference loop, as used"]])["median"]
+    for k, v in res.items():
+        sps = [r["steps_per_s"] for r in v]
+        ms = [1000 / x for x in sps]
+        med = stats(sps)["median"]
+        extra = {"peak_allocated_gb": max(r.get("peak_gb", 0) for r in v),
+                 "mfu": (SD15_STEP_FLOP * med / peak) if peak else None,
+                 "speedup_vs_reference_as_used": med / ref_med}
+        plan = next((r.get("memory_plan") for r in v if r.get("memory_plan")), None)
+        if plan:
+            extra["memory_plan_gb"] = plan.get("estimated_peak_gb")
+        rows.append(row("full size (GPU)", k, "ms/step", ms, what, **extra))
+    return rows
+
+
+def case_memory_plan() -> list[dict[str, Any]]:
+    """The planner's estimates for SD 1.5 (no GPU needed: meta-device trace)."""
+    from dreambench.memory import GB, estimate
+    from dreambench.methods import DreamBooth
+    configs = {k: json.loads((ARCH / f"sd15_{n}.json").read_text())
+               for k, n in (("unet", "unet"), ("text_encoder", "text"), ("vae", "vae"))}
+    rows = []
+    for label, kw in (("full fine-tune, bf16-mixed, AdamW", {}),
+                      ("+ gradient checkpointing", {"gradient_checkpointing": True}),
+                      ("+ 8-bit AdamW", {"optimizer": "AdamW8bit"}),
+                      ("+ gradient checkpointing + 8-bit AdamW", {"gradient_checkpointing": True,
+                                                                   "optimizer": "AdamW8bit"})):
+        t0 = time.perf_counter()
+        e = estimate(configs, DreamBooth(), resolution=512, precision="bf16-mixed", frozen_dtype=torch.bfloat16,
+                     device="cuda", **kw)
+        rows.append({"case": "memory plan (SD 1.5, 512², 1 + 1)", "variant": label, "unit": "GB (estimate)",
+                     "what": "dreambench.memory.estimate; CUDA overhead 1 GB included", "median": e.total / GB,
+                     "n": 1, "parts_gb": e.summary()["parts_gb"], "plan_s": time.perf_counter() - t0})
+    return rows
