@@ -1,0 +1,180 @@
+"""analysis.tables / analysis.report on run folders, and the table recipes end to end on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from analysis import paper, tables
+from tests.methods_helpers import REPO, env_defaults
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    env_defaults(tmp_path_factory.mktemp("tables"))
+
+
+def _run(root: Path, table: str, row: str, subject: str, seed: int, scores: dict, images: int = 0) -> Path:
+    run = root / table / row / f"{subject}-s{seed}"
+    (run / "eval").mkdir(parents=True)
+    cfg = {"recipe": {"table": table, "row": row}, "data": {"subject": subject, "class_noun": "dog"}, "seed": seed,
+           "model": {"build_tiny": False}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = {k: ({"mean": v, "per_subject": {subject: v}} if isinstance(v, float) else v) for k, v in scores.items()}
+    (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": metrics, "protocol": {"encoders": {"dino": "x"}}}))
+    if images:
+        sub = run / "eval" / "images" / subject
+        sub.mkdir(parents=True)
+        for i in range(images):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(sub / f"00_{i}.png")
+        (run / "eval" / "images" / "prompts.json").write_text(json.dumps({"subjects": {subject: {
+            "real_folder": os.environ["DREAMBENCH_DATA"] + f"/{subject}"}}}))
+    return run
+
+
+def test_table1_numbers_intervals_paper_column_and_report(tmp_path):
+    rng = np.random.default_rng(0)
+    db = {s: float(v) for s, v in zip(["dog", "cat", "can"], rng.uniform(0.5, 0.7, 3))}
+    for s, v in db.items():
+        _run(tmp_path, "table1", "dreambooth", s, 0, {"dino": v, "clip_i": 0.8, "clip_t": 0.3,
+                                                       "div": "unavailable: no LPIPS weights"}, images=3)
+    # Two seeds of one subject: averaged within the subject first, so the subject still counts once.
+    _run(tmp_path, "table1", "textual_inversion", "dog", 0, {"dino": 0.50, "clip_i": 0.7, "clip_t": 0.2})
+    _run(tmp_path, "table1", "textual_inversion", "dog", 1, {"dino": 0.60, "clip_i": 0.7, "clip_t": 0.2})
+    _run(tmp_path, "table1", "textual_inversion", "cat", 0, {"dino": 0.70, "clip_i": 0.7, "clip_t": 0.2})
+    (tmp_path / "real" / "eval").mkdir(parents=True)
+    (tmp_path / "real" / "eval" / "metrics.json").write_text(json.dumps({
+        "metrics": {"dino": {"mean": 0}, "clip_t": "n/a (real images row)"},
+        "per_subject": {"dog": {"dino": 0.8, "clip_i": 0.9}, "cat": {"dino": 0.7, "clip_i": 0.9},
+                        "vase": {"dino": 0.1, "clip_i": 0.1}}}))  # vase: no run of the table, left out
+
+    rows = {r.key: r for r in tables.render(tmp_path)["table1"]}
+    out = tmp_path / "tables"
+    dino = rows["dreambooth"].cells["dino"]
+    assert dino.n == 3 and dino.mean == pytest.approx(np.mean(list(db.values())))
+    assert dino.lo <= dino.mean <= dino.hi and dino.lo >= min(db.values()) and dino.hi <= max(db.values())
+    ti = rows["textual_inversion"].cells["dino"]
+    assert ti.n == 2 and ti.mean == pytest.approx((0.55 + 0.70) / 2)
+    real = rows["real"].cells
+    assert real["dino"].n == 2 and real["dino"].mean == pytest.approx(0.75)
+    assert real["clip_t"].n == 0
+
+    by = {(r["row"], r["metric"]): r for r in csv.DictReader((out / "table1.csv").open())}
+    assert float(by["dreambooth", "dino"]["paper"]) == 0.668  # the paper column from PROTOCOL.md
+    assert float(by["textual_inversion", "clip_t"]["paper"]) == 0.255
+    assert float(by["real", "clip_i"]["paper"]) == 0.885 and by["real", "clip_t"]["paper"] == ""
+    assert float(by["dreambooth", "dino"]["diff"]) == pytest.approx(dino.mean - 0.668, abs=1e-6)
+    md = (out / "table1.md").read_text()
+    assert "| DreamBooth (Stable Diffusion) | " + f"{dino.mean:.3f} [{dino.lo:.3f}, {dino.hi:.3f}] | 0.668 |" in md
+    assert "Imagen" in md and "SMOKE" not in md
+    tex = (out / "table1.tex").read_text()
+    assert r"\begin{tabular}" in tex and "0.569" in tex and r"Textual Inversion" in tex
+    for png in ("table1_bars.png", "table1_scatter.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 200
+    report = (out / "report.html").read_text()
+    assert "grids/dreambooth__dog-s0.png" in report and (out / "grids" / "dreambooth__cat-s0.png").is_file()
+    assert "not evaluated" not in report.split("Images per subject")[0]
+    assert "Known differences" in report and "sampler" in report.lower()
+
+
+def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
+    _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6, "pres": 0.5, "div": "unavailable: no LPIPS"})
+    run = tmp_path / "table3" / "no_prior" / "dog-s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"recipe": {"table": "table3", "row": "no_prior"},
+                                                     "data": {"subject": "dog"}, "seed": 0}))
+    tables.render(tmp_path, ["table3"])
+    by = {(r["row"], r["metric"]): r for r in csv.DictReader((tmp_path / "tables" / "table3.csv").open())}
+    assert by["with_prior", "div"]["note"].startswith("unavailable") and by["with_prior", "div"]["ours"] == ""
+    assert by["no_prior", "dino"]["note"].startswith("not evaluated")
+    assert float(by["no_prior", "pres"]["paper"]) == 0.664
+    with pytest.raises(SystemExit, match="no run folders"):
+        tables.render(tmp_path / "table3" / "with_prior" / "dog-s0" / "eval")
+
+
+def test_paper_numbers_match_protocol():
+    text = (REPO.parent / "shared" / "docs" / "PROTOCOL.md")
+    if not text.is_file():
+        pytest.skip("shared/docs/PROTOCOL.md is not next to the repository")
+    doc = text.read_text()
+    for t in paper.TABLES.values():
+        for r in t.rows:
+            for v in r.paper.values():
+                if v is not None:
+                    assert f"{v:.3f}" in doc, f"{t.name} {r.key}: {v} is not in PROTOCOL.md"
+
+
+def test_wrong_class_is_seeded_and_never_the_subjects_own():
+    from analysis.recipes import wrong_class
+    from dreambench.data import dreambench as db
+
+    classes = db.load_index(db.resolve_root(download=False)).classes
+    picks = {s: wrong_class(s, 0) for s in classes}
+    assert all(picks[s] != classes[s] and picks[s] in classes.values() for s in classes)
+    assert picks == {s: wrong_class(s, 0) for s in classes}
+    assert picks != {s: wrong_class(s, 1) for s in classes}
+
+
+def _smoke(table: str, tmp_path: Path, subjects: str) -> Path:
+    out = tmp_path / table
+    env = {**os.environ, "OUT": str(out), "SUBJECTS": subjects, "PY": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "experiments" / f"{table}.sh"), "--smoke"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _csv(out: Path, table: str) -> dict:
+    return {(r["row"], r["metric"]): r for r in csv.DictReader((out / "tables" / f"{table}.csv").open())}
+
+
+def test_table3_smoke_end_to_end(tmp_path):
+    out = _smoke("table3", tmp_path, "dog")
+    by = _csv(out, "table3")
+    for row in ("with_prior", "no_prior"):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1
+        assert by[row, "pres"]["ours"]  # class-prompt images were generated and scored
+    assert float(by["with_prior", "pres"]["paper"]) == 0.493
+    cfgs = {p.parent.parent.name: yaml.safe_load(p.read_text()) for p in out.glob("*/dog-s0/config.yaml")}
+    assert cfgs["with_prior"]["prior"]["weight"] == 1.0 and cfgs["no_prior"]["prior"]["weight"] == 0.0
+    report = (out / "tables" / "report.html").read_text()
+    assert "SMOKE RUN" in report and "grids/no_prior__dog-s0.png" in report
+
+
+@pytest.mark.slow
+def test_table1_smoke_end_to_end(tmp_path):
+    out = _smoke("table1", tmp_path, "dog,backpack")
+    by = _csv(out, "table1")
+    for row in ("real", "dreambooth", "textual_inversion"):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 2
+    assert by["textual_inversion", "clip_t"]["ours"] and float(by["textual_inversion", "dino"]["paper"]) == 0.569
+    method = json.loads((out / "textual_inversion" / "dog-s0" / "model" / "method.json").read_text())
+    assert method["method"] == "textual_inversion" and method["token"] == "<sks>"
+    assert "0.774" in (out / "tables" / "table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_table4_smoke_end_to_end(tmp_path):
+    from analysis.recipes import wrong_class
+
+    out = _smoke("table4", tmp_path, "dog,backpack")
+    by = _csv(out, "table4")
+    for row in ("correct", "none", "wrong"):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 2
+    assert float(by["none", "dino"]["paper"]) == 0.303
+    m = json.loads((out / "none" / "backpack-s0" / "metrics.json").read_text())
+    assert m["instance_prompt"] == "a sks" and m["class_prompt"] == "a"
+    m = json.loads((out / "wrong" / "backpack-s0" / "metrics.json").read_text())
+    assert m["instance_prompt"] == f"a sks {wrong_class('backpack', 0)}"
+    prompts = json.loads((out / "none" / "dog-s0" / "eval" / "images" / "prompts.json").read_text())
+    assert prompts["subjects"]["dog"]["prompts"][0].startswith("a sks in ")  # "a sks in the jungle"
