@@ -102,6 +102,14 @@ class DreamBoothModule(L.LightningModule):
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
 
+    @property
+    def real_images(self) -> list:
+        """The subject's photos as RGB images (the drift monitor's references)."""
+        if getattr(self, "_real_images", None) is None:
+            from dreambench.data.images import load_image
+            self._real_images = [load_image(p) for p in self.instance_paths]
+        return self._real_images
+
     def _tokenize(self, prompt: str) -> torch.Tensor:
         return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids

@@ -60,6 +60,8 @@ def prepare(cfg: DictConfig) -> Plan:
         subject = None
         if cfg.data.instance_dir:
             folder = Path(cfg.data.instance_dir).expanduser()
+            subject = db.custom_subject(str(cfg.data.subject), str(cfg.data.class_noun), bool(cfg.data.live),
+                                        folder, cfg.paths.dataset_dir)
         else:
             subject = db.subject(db.resolve_root(cfg.paths.dataset_dir), cfg.data.subject)
             folder = subject.folder
@@ -116,10 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     every_ckpt = int(cfg.train.checkpoint_every_n_steps)
     ckpt_dir = run_dir / "checkpoints"
     preemption = Preemption(ckpt_dir)
-    callbacks: list[Any] = [SampleGrid(run_dir / "samples", int(cfg.train.sample_every_n_steps),
-                                       seeds=list(cfg.train.sample_seeds)),
-                            NumericsGuard(str(cfg.train.get("on_nonfinite", "stop"))), preemption,
-                            FlushLoggersOnCheckpoint()]
+    # Preemption first: its signal handlers are in place before the step-0 sample grid appears.
+    callbacks: list[Any] = [preemption, SampleGrid(run_dir / "samples", int(cfg.train.sample_every_n_steps),
+                                                   seeds=list(cfg.train.sample_seeds)),
+                            NumericsGuard(str(cfg.train.get("on_nonfinite", "stop"))), FlushLoggersOnCheckpoint()]
     if every_ckpt > 0:
         # save_top_k=-1: AtomicCheckpointIO prunes (after the new file is complete), preemption checkpoints too.
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:06d}", auto_insert_metric_name=False,
@@ -130,6 +132,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plugins.append(SLURMEnvironment(auto_requeue=False))
     if not cfg.train.get("samples", True):  # train.samples=false: no grids at all, not even at start and end
         callbacks = [c for c in callbacks if not isinstance(c, SampleGrid)]
+    drift = cfg.train.get("drift")
+    if drift and int(drift.every_n_steps) > 0:  # val/* during training: what sweeps optimise and prune on
+        from dreambench.callbacks.drift import DriftMonitor
+        callbacks.append(DriftMonitor(**OmegaConf.to_container(drift, resolve=True), metrics=cfg.metrics))
     if _sweep_trial(cfg):  # one trial of an Optuna sweep: record it, prune it (dreambench/sweep/trial.py)
         from dreambench.sweep.trial import trial_callbacks
         callbacks += trial_callbacks(cfg, run_dir)

@@ -122,3 +122,19 @@ def test_unknown_config_key_is_named(tmp_path):
     r = run_cli("dreambench.train", ["+experiment=dog", *TINY, "optimizer.learning_rate=1e-4",
                                      f"hydra.run.dir={tmp_path / 'run'}"])
     assert r.returncode != 0 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_drift_monitor_logs_val_metrics_during_a_run(tmp_path):
+    import csv
+
+    from dreambench.train import train
+    run = tmp_path / "run"
+    metrics = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "metrics=tiny",
+                             "train.drift.every_n_steps=3", "train.drift.num_prompts=1",
+                             "train.drift.images_per_prompt=1", "train.drift.class_images=1",
+                             "train.drift.num_inference_steps=2"]))
+    for key in ("val/dino", "val/clip_i", "val/clip_t", "val/pres"):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    with open(run / "logs" / "metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/dino")})
+    assert steps == [0, 3, 6]

@@ -32,10 +32,22 @@ class Subject:
     class_noun: str
     live: bool
     folder: Path
+    index_root: Path | None = None  # where prompts_and_classes.txt is; None: the folder's parent
 
     @property
     def prompt_templates(self) -> list[str]:
-        return load_index(self.folder.parent).live_prompts if self.live else load_index(self.folder.parent).object_prompts
+        index = load_index(self.index_root or self.folder.parent)
+        return index.live_prompts if self.live else index.object_prompts
+
+
+def custom_subject(name: str, class_noun: str, live: bool, folder: Path, configured_root: str | None) -> Subject:
+    """A subject from any folder of photos; it borrows DreamBench's prompt lists (evaluation, drift monitor),
+    from the data set if it can be found without downloading."""
+    try:
+        root = resolve_root(configured_root, download=False)
+    except DatasetNotFoundError:
+        root = None
+    return Subject(name, class_noun, bool(live), Path(folder), root)
 
 
 @dataclass(frozen=True)
