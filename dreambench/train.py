@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if step is None:
             import torch
             step = int(torch.load(plan.resume, map_location="cpu", mmap=True, weights_only=True)["global_step"])
-        continue_csv_logs(loggers, step)
+        continue_csv_logs(loggers, step, int(cfg.trainer.get("log_every_n_steps") or 50))
     with redacted_argv():  # W&B records sys.argv in its run metadata: no secret given as an override goes there
         for lg in loggers:
             lg.log_hyperparams(plain)

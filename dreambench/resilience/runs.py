@@ -47,7 +47,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def continue_csv_logs(loggers: list[Any], resume_step: int) -> None:
+def continue_csv_logs(loggers: list[Any], resume_step: int, log_every_n_steps: int = 1) -> None:
     """Lightning's CSVLogger deletes an existing metrics.csv when its writer starts: a resumed run would lose the
     losses of the steps before the checkpoint. Keep the rows logged before `resume_step` (rows at or after it
     were logged after that checkpoint by the run that was interrupted; the resumed run logs them again) and hand
@@ -60,7 +60,12 @@ def continue_csv_logs(loggers: list[Any], resume_step: int) -> None:
         if not path.is_file():
             continue
         keys, rows = _read_rows(path)
-        kept = [r for r in rows if r.get("step", "") != "" and int(float(r["step"])) < resume_step]
+        # A row's "step" is the number of steps done before the logged one (the row of step k says k - 1).
+        # Lightning also logs when a run is stopped, so an interrupted run's last row may be off the
+        # log_every_n_steps grid; the uninterrupted run has no such row, so it is dropped.
+        last = resume_step - 1
+        kept = [r for r in rows if r.get("step", "") != "" and (int(float(r["step"])) < last or (
+            int(float(r["step"])) == last and resume_step % max(1, log_every_n_steps) == 0))]
         exp = lg.experiment  # creating the writer deletes the old file
         buf = io.StringIO(newline="")
         w = csv.DictWriter(buf, fieldnames=keys)
