@@ -27,7 +27,8 @@ TINY_TRIAL = ["-m", "+experiment=dog", "+hparams_search=lr_prior", "model=tiny",
               "trainer.max_steps=6", "trainer.log_every_n_steps=2", "prior.num_images=2", "prior.batch_size=2",
               "guidance.num_inference_steps=2", "train.samples=false", "train.checkpoint_every_n_steps=0",
               "train.export_model=false", "optimized_metric=[train/loss_instance]", "sweep.directions=[minimize]",
-              "sweep.pruner=null", "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler"]
+              "sweep.pruner=null", "train.drift.every_n_steps=0",
+              "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler"]
 
 
 def run(args: list[str], module: str = "dreambench.train", timeout: float = 600) -> subprocess.CompletedProcess:

@@ -49,13 +49,18 @@ def test_sweep_completes_resumes_and_records_failure(sweep_dir):
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(journal_study(folder / "study.journal", "dog_lr_prior").trials) == 4
-    # A higher target adds the difference only.
-    more = run([*args, "hydra.sweeper.n_trials=5"])
+    # A higher target adds the difference only; here run by the submitit launcher's local mode, two trials at
+    # once as two processes (neither of them the sweeper).
+    more = run([*args, "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_local",
+                "hydra.launcher.timeout_min=10"])
     assert more.returncode == 0, more.stderr[-3000:]
     trials = journal_study(folder / "study.journal", "dog_lr_prior").trials
-    assert len(trials) == 5 and trials[4].state == TrialState.COMPLETE
-    assert trials[4].params not in [t.params for t in trials[:4]]  # the resumed sampler does not repeat itself
-    assert sorted(p.name for p in folder.glob("trial_*")) == [f"trial_{i}" for i in range(5)]
+    assert len(trials) == 6 and [t.state for t in trials[4:]] == [TrialState.COMPLETE] * 2
+    assert all(t.params not in [u.params for u in trials[:4]] for t in trials[4:])  # a resumed sampler moves on
+    pids = {t.user_attrs["pid"] for t in trials[4:]}
+    assert len(pids) == 2 and os.getpid() not in pids and trials[1].user_attrs["pid"] not in pids
+    assert list((folder / ".submitit").iterdir())
+    assert sorted(p.name for p in folder.glob("trial_*")) == [f"trial_{i}" for i in range(6)]
 
 
 @pytest.mark.slow
@@ -85,19 +90,6 @@ def test_compare_from_the_sweep_folder_alone(sweep_dir, tmp_path):
                      "train_loss_instance_vs_prior_weight.png"]
     from PIL import Image
     assert all(Image.open(out / n).size[0] > 200 for n in names)
-
-
-@pytest.mark.slow
-def test_submitit_local_runs_two_trials_as_processes(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[cluster]'")
-    r = run([*TINY_TRIAL, f"paths.output_dir={tmp_path}", "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
-             "hydra.sweeper.n_jobs=2", "hydra.launcher.timeout_min=10"])
-    assert r.returncode == 0, r.stderr[-4000:]
-    study = journal_study(tmp_path / "sweeps" / "dog_lr_prior" / "study.journal", "dog_lr_prior")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
-    pids = {t.user_attrs["pid"] for t in study.trials}
-    assert len(pids) == 2 and os.getpid() not in pids  # two processes, neither the sweeper
-    assert list((tmp_path / "sweeps" / "dog_lr_prior" / ".submitit").iterdir())
 
 
 class _Falling(L.LightningModule):
