@@ -34,7 +34,7 @@ def test_lora_trains_exports_adapter_only_and_loads_back(tmp_path):
     run = tmp_path / "run"
     # alpha != rank: the loader must apply alpha / rank from the file's metadata.
     cfg = tiny_cfg(run, "method=lora", "method.rank=4", "method.alpha=8", "method.lr=1e-2",
-                   "train.checkpoint_every_n_steps=3")
+                   "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3")
     metrics = train(cfg)
     assert metrics["method"]["name"] == "lora" and metrics["steps"] == 6
     files = sorted(p.name for p in (run / "model").iterdir())
@@ -43,7 +43,8 @@ def test_lora_trains_exports_adapter_only_and_loads_back(tmp_path):
     assert info["method"] == "lora" and info["base_model"]["pretrained"] == cfg.model.pretrained
 
     saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
-    assert saved and all("lora" in k for k in saved) and any(k.startswith("unet.") for k in saved)
+    assert saved and all("lora" in k for k in saved)
+    assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
     assert any(v.abs().max() > 0 for k, v in saved.items() if "lora.up" in k or "lora_B" in k)  # B moved from 0
     ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # adapters only
@@ -118,9 +119,13 @@ def test_dreambooth_run_loads_through_the_same_function(tmp_path):
     from dreambench.train import train
 
     run = tmp_path / "run"
-    cfg = tiny_cfg(run, "method=dreambooth", "trainer.max_steps=3")
+    cfg = tiny_cfg(run, "method=dreambooth", "trainer.max_steps=3", "data.identifier=rare")
     metrics = train(cfg)
     assert (run / "model" / "model_index.json").is_file()
+    # data.identifier=rare: the picked token (paper §3.2), not the word "rare", is what the run used and recorded.
+    ident = metrics["identifier"]
+    assert ident != "rare" and metrics["instance_prompt"] == f"a {ident} dog"
+    assert json.loads((run / "metrics.json").read_text())["identifier"] == ident
     tuned = load_run_pipeline(run)
     prompt = metrics["instance_prompt"]
     assert _differs(render(tuned, prompt), render(_base(cfg), prompt)) > 1e-3
