@@ -15,9 +15,9 @@ import torch
 
 from helpers import REPO, TINY
 
-STEPS = 60
+STEPS = 20
 ARGS = ["+experiment=dog", *TINY, f"trainer.max_steps={STEPS}", f"train.checkpoint_every_n_steps={STEPS}",
-        "train.export_model=false", "trainer.log_every_n_steps=5"]
+        "train.export_model=false", "trainer.log_every_n_steps=3"]
 
 
 def test_handler_only_sets_a_flag_and_restores_the_previous_handlers():

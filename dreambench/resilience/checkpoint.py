@@ -109,7 +109,10 @@ def prune_checkpoints(folder: str | Path, keep: int) -> list[Path]:
                       key=lambda p: checkpoint_step(p), reverse=True)
     gone = complete[keep:] if keep > 0 else []
     for p in gone:
-        safe_rmtree(p, folder)  # never outside the checkpoints folder, not through a symlink
+        try:
+            safe_rmtree(p, folder)  # never outside the checkpoints folder, not through a symlink
+        except ValueError as e:  # e.g. a symlink to a file elsewhere: left alone, training goes on
+            log.warning("not pruning %s: %s", p, e)
     _remove_stale_temporaries(folder)
     return gone
 
