@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from omegaconf import OmegaConf
 
 from analysis.paper import LABELS, TABLES, Table
 
@@ -64,6 +64,11 @@ class RowResult:
     runs: list[Run] = field(default_factory=list)
 
 
+def _load_yaml(path: Path) -> dict:
+    # config.yaml of a run is already resolved: plain data, no interpolation left.
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
 def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, str]]:
     scores, reasons = {}, {}
     for name, value in eval_json.get("metrics", {}).items():
@@ -81,7 +86,7 @@ def find_runs(folder: Path) -> list[Run]:
     for cfg_file in sorted(folder.rglob("config.yaml")):
         if "eval" in cfg_file.parts[len(folder.parts):]:
             continue
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+        cfg = _load_yaml(cfg_file)
         recipe = cfg.get("recipe") or {}
         if not recipe.get("table"):
             continue  # a run that no table recipe made
@@ -150,7 +155,7 @@ def smoke_note(rows: list[RowResult]) -> str | None:
     pipeline end to end, not the paper."""
     for r in rows:
         for run in r.runs:
-            cfg = yaml.safe_load((run.folder / "config.yaml").read_text()) or {}
+            cfg = _load_yaml(run.folder / "config.yaml")
             enc = json.dumps((run.protocol or {}).get("encoders", {}))
             if (cfg.get("model") or {}).get("build_tiny") or "tiny-encoders" in enc:
                 return ("SMOKE RUN: tiny random model and/or tiny random encoders — these numbers test the "

@@ -25,7 +25,7 @@ SEEDS=${SEEDS:-0}
 if [ "$SMOKE" = 1 ]; then
   # ++prior.num_images: also accepted by prior=none rows (it ignores it).
   TRAIN=(model=tiny trainer.max_steps=20 trainer.accumulate_grad_batches=1 optimizer.lr=1e-3 ++prior.num_images=4
-         guidance.num_inference_steps=4 train.sample_every_n_steps=0 train.checkpoint_every_n_steps=0 logger=none
+         guidance.num_inference_steps=4 train.samples=false train.checkpoint_every_n_steps=0 logger=none
          progress=false)
   EVAL=(metrics=tiny eval.prompts_limit=2 eval.images_per_prompt=2 eval.num_inference_steps=4 eval.pres_images=2
         eval.progress=false)
