@@ -154,12 +154,16 @@ def case_overhead(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
     med = {k: stats([r["steps_per_s"] for r in v])["median"] for k, v in res.items()}
     rows = []
     what = "tiny SD (1.0 M UNet), 32 px, batch 1 + 1 prior, fp32"
+    def paired(a, b):  # run i of a against run i of b (interleaved, so under the same load): median ratio
+        return stats([x["steps_per_s"] / y["steps_per_s"] for x, y in zip(res[a], res[b])])["median"]
     for k in names:
         extra = {}
         if k == names[2]:
             extra["ratio_vs"] = {"reference, as used": med[names[2]] / med[names[0]]}
+            extra["paired_ratio"] = paired(names[2], names[0])
         if k == names[3]:
             extra["ratio_vs"] = {"reference, equal work": med[names[3]] / med[names[1]]}
+            extra["paired_ratio"] = paired(names[3], names[1])
         rows.append(row("framework overhead", k, "steps/s", [r["steps_per_s"] for r in res[k]], what, **extra))
     return rows
 

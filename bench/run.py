@@ -50,6 +50,8 @@ def markdown(result: dict[str, Any]) -> str:
         spread = (f"[{fmt(r.get('q1'))}–{fmt(r.get('q3'))}] ({fmt(r.get('min'))}–{fmt(r.get('max'))})"
                   if r.get("n", 1) > 1 else "")
         vs = "; ".join(f"{v:.2f}× {k}" for k, v in (r.get("ratio_vs") or {}).items())
+        if r.get("paired_ratio") is not None:
+            vs += f" (paired runs: {r['paired_ratio']:.2f}×)"
         notes = []
         if r.get("mfu") is not None:
             notes.append(f"MFU {100 * r['mfu']:.1f}%")
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = a.threads or (torch.get_num_threads() if cuda else 1)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    for name in ("lightning", "lightning.pytorch", "dreambench"):
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric",
+                 "dreambench"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     from diffusers.utils import logging as dlog

@@ -1,0 +1,223 @@
+"""The benchmark's own correctness (never its timings): the reference loop computes dreambench's loss, the speed
+switches do what they claim, the hot path has no host sync, and a --quick driver run writes its files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from helpers import REPO, compose
+
+sys.path.insert(0, str(REPO))  # `bench` is a top-level folder of the repository, not an installed package
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a small shared machine: OpenMP's spinning threads make 2-thread steps 10-20x slower
+    # whenever the other test worker is busy; one thread per worker is faster and restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    from bench.common import synthetic_images
+    root = tmp_path_factory.mktemp("bench-images")
+    synthetic_images(root / "instance", 3, 64, seed=0)
+    synthetic_images(root / "class", 3, 64, seed=1)
+    return root
+
+
+def overrides(images: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["model=tiny", f"data.instance_dir={images / 'instance'}", "data.subject=bench", "data.class_noun=dog",
+            "data.live=false", "prior=folder", f"prior.folder={images / 'class'}", "logger=none",
+            f"paths.run_dir={run_dir}", "progress=false", "trainer.max_steps=2", *extra]
+
+
+def build(images: Path, run_dir: Path, *extra: str, setup: bool = True):
+    """A DreamBoothModule as train() builds it, attached to a CPU Trainer, with setup() run (latents cached)."""
+    from hydra.utils import instantiate
+
+    from dreambench.models.loading import load_components
+    from dreambench.module import DreamBoothModule
+    from dreambench.train import prepare
+    cfg = compose(overrides(images, run_dir, *extra))
+    plan = prepare(cfg)
+    comps = load_components(plan.model_ref)
+    module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, "sks", instantiate(cfg.method))
+    if setup:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        module.trainer = trainer
+        module.setup("fit")
+    return module, cfg
+
+
+def test_bench_modules_import():
+    import bench.cases
+    import bench.common
+    import bench.reference_loop
+    import bench.run
+    assert set(bench.run.CASES) >= {"overhead", "startup", "full_size", "class_images", "scoring"}
+
+
+def test_reference_loop_computes_dreambench_loss(images, tmp_path, monkeypatch):
+    """Same weights, same latents, noise and timesteps: the reference's loss (written as diffusers' example
+    writes it: torch.chunk, MSE + λ·prior MSE) equals dreambench's training_step loss. λ = 0.7 so that a
+    dropped or misplaced weight shows; a wrong target, split or scale would too."""
+    from bench.common import SyncCounter
+    from bench.reference_loop import reference_loss
+    from dreambench.data.latents import draw_indices
+    module, cfg = build(images, tmp_path, "prior.weight=0.7")
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no fit loop to log into here
+    state = module.noise_generator.get_state()
+    with SyncCounter() as syncs:
+        loss = module.training_step(None, 0)
+    # The same draws, in the order _draw/training_step make them, from the same generator state.
+    g = torch.Generator().set_state(state)
+    seed = int(cfg.seed)
+    inst = module.instance_bank.sample(torch.tensor(draw_indices(len(module.instance_bank), seed, [0])), g)
+    cls = module.class_bank.sample(torch.tensor(draw_indices(len(module.class_bank), seed + 1, [0])), g)
+    latents = torch.cat([inst, cls])
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (2,), generator=g)
+    cond = torch.cat([module.instance_emb, module.class_emb])
+    ref = reference_loss(module.unet, module.noise_scheduler, latents, noise, t, cond, 0.7)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    unweighted = reference_loss(module.unet, module.noise_scheduler, latents, noise, t, cond, 1.0)
+    assert not torch.allclose(loss, unweighted)  # the check can tell λ apart
+    # The step's forward + loss reads nothing back to the host (no .item()/bool() on a tensor).
+    assert syncs.count == 0, syncs.where
+
+
+def test_reference_loop_sees_the_same_latents(images, tmp_path):
+    """The reference encodes the same pixels every step that dreambench caches once: same latent mean."""
+    from bench.reference_loop import load_pixels
+    from dreambench.data.latents import latent_scale
+    module, _ = build(images, tmp_path)
+    pixels = load_pixels(module.instance_paths, 32)
+    with torch.no_grad():
+        mean = module.vae.encode(pixels).latent_dist.mean * latent_scale(module.vae)
+    torch.testing.assert_close(mean, module.instance_bank.mean, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_loop_steps_and_learns(images, tmp_path):
+    from bench.reference_loop import ReferenceLoop
+    from dreambench.models.loading import load_components
+    module, _ = build(images, tmp_path, setup=False)
+    comps = load_components(str(module.components.identity["ref"]))
+    before = comps.unet.conv_in.weight.detach().clone()
+    for encode in (True, False):
+        loop = ReferenceLoop(comps, module.instance_paths, sorted((images / "class").glob("*.png")),
+                             instance_prompt="a sks dog", class_prompt="a dog", resolution=32, lr=1e-3,
+                             encode_every_step=encode)
+        loop.step()
+        loop.step()
+        assert loop.step_count == 2 and loop.last_loss is not None and loop.last_loss > 0
+    assert not torch.equal(before, comps.unet.conv_in.weight)
+
+
+def test_channels_last_switch(images, tmp_path):
+    plain, _ = build(images, tmp_path / "a", setup=False)
+    nhwc, _ = build(images, tmp_path / "b", "model.channels_last=true", setup=False)
+    w0, w1 = plain.unet.conv_in.weight, nhwc.unet.conv_in.weight
+    assert not w0.is_contiguous(memory_format=torch.channels_last)
+    assert w1.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc.unet.parameters() if p.ndim == 4)
+
+
+def test_fused_adamw_switch(images, tmp_path):
+    auto, _ = build(images, tmp_path / "a", setup=False)
+    off, _ = build(images, tmp_path / "b", "optimizer.fused=false", setup=False)
+    opt_auto = auto.configure_optimizers()["optimizer"]
+    opt_off = off.configure_optimizers()["optimizer"]
+    # optimizer.fused: null -> fused wherever torch has the kernel; torch >= 2.4 has it for CPU too.
+    assert opt_auto.defaults["fused"] is True
+    assert opt_off.defaults["fused"] is False
+
+
+def test_fused_adamw_matches_the_reference_implementation_on_cpu():
+    """Auto picks the fused CPU kernel: it must give the same updates as the plain AdamW."""
+    torch.manual_seed(0)
+    a = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    oa = torch.optim.AdamW(a, lr=1e-2, weight_decay=1e-2, fused=True)
+    ob = torch.optim.AdamW(b, lr=1e-2, weight_decay=1e-2, foreach=False)
+    for step in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gi in zip(a, b, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        oa.step()
+        ob.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_switch(images, tmp_path):
+    module, _ = build(images, tmp_path, "model.compile=true")
+    keys = set(module.unet.state_dict())
+    assert module.unet._compiled_call_impl is not None  # nn.Module.compile: forward goes through torch.compile
+    assert not any(k.startswith("_orig_mod") for k in keys)  # checkpoints and export keep their names
+    plain, _ = build(images, tmp_path / "b", setup=False)
+    assert plain.unet._compiled_call_impl is None
+
+
+def test_frozen_dtype_casts_on_gpu_only_and_export_gets_exact_fp32():
+    from types import SimpleNamespace
+
+    from dreambench import speed
+    from dreambench.memory import resolve_frozen_dtype
+    assert resolve_frozen_dtype("auto", "bf16-mixed", on_gpu=False) is None
+    assert resolve_frozen_dtype("auto", "32-true", on_gpu=True) is None
+    assert resolve_frozen_dtype("auto", "bf16-mixed", on_gpu=True) is torch.bfloat16
+    assert resolve_frozen_dtype("fp16", "32-true", on_gpu=False) is torch.float16
+    with pytest.raises(ValueError):
+        resolve_frozen_dtype("int8", "32-true", on_gpu=True)
+    torch.manual_seed(0)
+    m = SimpleNamespace(vae=torch.nn.Linear(8, 8).requires_grad_(False),
+                        text_encoder=torch.nn.Linear(8, 8).requires_grad_(False))
+    original = m.vae.weight.detach().clone()
+    speed.cast_frozen(m, "auto", "bf16-mixed", torch.device("cpu"))
+    assert m.vae.weight.dtype == torch.float32  # CPU: left alone
+    speed.cast_frozen(m, "auto", "bf16-mixed", torch.device("cuda"))  # dtype only: nothing is moved
+    assert m.vae.weight.dtype == torch.bfloat16 and m.text_encoder.weight.dtype == torch.bfloat16
+    speed.restore_frozen(m)
+    assert m.vae.weight.dtype == torch.float32
+    assert torch.equal(m.vae.weight, original)  # the exact fp32 weights, not a bf16 round trip
+
+
+@pytest.mark.slow
+def test_quick_bench_run_writes_json_and_markdown(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--reps", "1", "--steps", "2", "--warmup", "1",
+           "--cases", "overhead,syncs,full_size,memory_plan", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "latest.json").read_text())
+    md = (tmp_path / "latest.md").read_text()
+    assert {"cpu", "cores", "torch", "device"} <= set(data["machine"])
+    rows = data["rows"]
+    timed = [r for r in rows if r["case"] == "framework overhead"]
+    assert len(timed) == 4
+    for r in timed:
+        assert r["unit"] == "steps/s" and r["median"] > 0 and r["min"] <= r["median"] <= r["max"]
+    assert any("ratio_vs" in r for r in timed)
+    syncs = {r["variant"]: r for r in rows if r["case"] == "host syncs per step"}
+    assert len(syncs) == 2 and all(r["median"] >= 0 for r in syncs.values())
+    full = [r for r in rows if r["case"] == "full size (GPU)"]
+    if not torch.cuda.is_available():
+        assert full and all(r["skipped"] == "skipped: no CUDA device" for r in full)
+        assert "skipped: no CUDA device" in md
+    plan = [r for r in rows if r["case"].startswith("memory plan")]
+    assert plan and all(r["median"] > 1 for r in plan)
+    assert "| case | variant | median |" in md and "framework overhead" in md
+    assert md in p.stdout  # the table is printed too

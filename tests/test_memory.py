@@ -1,0 +1,112 @@
+"""The memory planner: exact parameter counts, monotone in what grows memory, the switches that shrink it, a
+plausible SD 1.5 figure, and a stop before any model loads when the estimate exceeds the device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import REPO, compose
+
+ARCH = REPO / "bench" / "architectures"
+GB = 1e9
+
+
+@pytest.fixture(scope="module")
+def sd15() -> dict:
+    return {k: json.loads((ARCH / f"sd15_{n}.json").read_text())
+            for k, n in (("unet", "unet"), ("text_encoder", "text"), ("vae", "vae"))}
+
+
+def est(configs, method=None, **kw):
+    from dreambench.memory import estimate
+    from dreambench.methods import DreamBooth
+    kw.setdefault("resolution", 512)
+    kw.setdefault("precision", "bf16-mixed")
+    kw.setdefault("frozen_dtype", torch.bfloat16)
+    kw.setdefault("device", "cuda")
+    return estimate(configs, method or DreamBooth(), **kw)
+
+
+def test_parameter_counts_come_from_the_configs(sd15):
+    e = est(sd15, resolution=256)
+    # The published SD 1.5 counts (bench/architectures/README.md), built on the meta device.
+    assert round(e.params["unet"] / 1e6, 2) == 859.52
+    assert round(e.params["vae"] / 1e6, 2) == 83.65
+    assert round(e.params["text_encoder"] / 1e6, 2) == 123.06
+    assert e.trainable == e.params["unet"]  # dreambooth without the text encoder trains the UNet only
+
+
+def test_sd15_full_finetune_estimate_is_in_a_plausible_band(sd15):
+    e = est(sd15)
+    p = e.parts
+    # The static part is arithmetic: fp32 UNet weights 859.5 M x 4 B = 3.44 GB, the same again for gradients,
+    # AdamW's two fp32 moments 6.88 GB; frozen VAE + text encoder in bf16 0.41 GB; autocast's bf16 weight
+    # copies 1.72 GB.
+    assert p["gradients"] == pytest.approx(3.44 * GB, rel=0.01)
+    assert p["optimizer"] == pytest.approx(6.88 * GB, rel=0.01)
+    assert p["weights"] == pytest.approx(3.85 * GB, rel=0.01)
+    # Activations of a 1 + 1 batch at 64² latents with fused (flash / memory-efficient) attention: published
+    # diffusers DreamBooth runs put the whole step at ~15-16 GB with gradient checkpointing and 8-bit Adam, and
+    # full AdamW without checkpointing beyond a 16 GB card but within 24 GB: activations of a few GB.
+    assert 1.0 * GB < p["activations"] < 8.0 * GB
+    assert 16 * GB < e.total < 26 * GB
+
+
+def test_monotone_in_resolution_and_batch(sd15):
+    fp32 = {"precision": "32-true", "frozen_dtype": None}  # one trace per estimate (mixed needs two)
+    by_res = [est(sd15, resolution=r, **fp32).total for r in (256, 512, 768)]
+    assert by_res == sorted(by_res) and len(set(by_res)) == 3
+    by_batch = [est(sd15, resolution=256, batch_size=b, **fp32).total for b in (1, 2)]
+    assert by_batch[0] < by_batch[1]
+    no_prior = est(sd15, resolution=256, prior=False, **fp32).total
+    assert no_prior < by_batch[0]  # the prior batch doubles what goes through the UNet
+
+
+def test_switches_that_lower_memory(sd15):
+    base = est(sd15, resolution=256)
+    ckpt = est(sd15, resolution=256, gradient_checkpointing=True)
+    assert ckpt.parts["activations"] < base.parts["activations"] / 2
+    assert ckpt.total < base.total
+    eight = est(sd15, resolution=256, optimizer="AdamW8bit")
+    assert eight.parts["optimizer"] == pytest.approx(base.parts["optimizer"] / 4)
+    fp32 = est(sd15, resolution=256, precision="32-true", frozen_dtype=None)
+    assert fp32.parts["autocast_copies"] == 0 and fp32.parts["weights"] > base.parts["weights"]
+
+
+def test_lora_trains_a_sliver(sd15):
+    from dreambench.methods.lora import LoRA
+    e = est(sd15, LoRA(rank=4), resolution=256)
+    full = est(sd15, resolution=256)
+    assert 0 < e.trainable < 0.01 * full.trainable
+    assert e.parts["optimizer"] < 0.01 * full.parts["optimizer"]
+    assert e.total < full.total / 2
+
+
+def prepare_overrides(tmp_path, *extra):
+    return ["+experiment=dog", "model=tiny", "prior=none", "logger=none", f"paths.run_dir={tmp_path}", *extra]
+
+
+def test_prepare_reports_the_plan_for_a_tiny_run(tmp_path):
+    from dreambench.train import prepare
+    plan = prepare(compose(prepare_overrides(tmp_path)))
+    s = plan.memory.summary()
+    assert s["estimated_peak_gb"] > 0 and s["capacity_gb"] is None and s["device"] == "cpu"
+    assert set(s["parts_gb"]) == {"weights", "gradients", "optimizer", "autocast_copies", "activations", "overhead"}
+    assert prepare(compose(prepare_overrides(tmp_path, "memory.plan=false"))).memory is None
+
+
+def test_exceeding_the_device_stops_before_any_model_loads(tmp_path, monkeypatch):
+    from dreambench import train as train_mod
+    from dreambench.errors import UserError
+    from dreambench.models import loading
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the memory check")
+    monkeypatch.setattr(loading, "load_components", no_loading)
+    cfg = compose(prepare_overrides(tmp_path / "run", "memory.capacity_gb=0.001"))  # a 1 MB device
+    with pytest.raises(UserError, match=r"estimated peak memory .* exceeds .* 1\.0 MB"):
+        train_mod.train(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
