@@ -26,7 +26,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,cluster]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install dreambench (torch pinned, no torchvision)
@@ -42,6 +42,12 @@ test-fast: $(STAMP) ## the test suite without tests marked slow
 
 clean-runs: ## remove the run folders under experiments/ (keeps the recipes)
 	find experiments -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+
+# docs/BENCHMARKS.md. BENCH_ARGS: e.g. --quick, --cases overhead,startup, --reps 7.
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(STAMP) ## dreambench vs a plain PyTorch reference loop, side by side (+ GPU cases when CUDA is there) -> bench/results/
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
 # SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from helpers import REPO, compose
 
 sys.path.insert(0, str(REPO))  # `bench` is a top-level folder of the repository, not an installed package

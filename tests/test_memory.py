@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from helpers import REPO, compose
 
 ARCH = REPO / "bench" / "architectures"
