@@ -97,7 +97,8 @@ def vae_needs_fp32(mode: Any, precision: Any, force_upcast: bool | None) -> bool
 def keep_vae_fp32(vae: torch.nn.Module) -> torch.nn.Module:
     """Make vae.encode / vae.decode run in fp32 even inside an fp16 autocast region (latent caching, class
     images, sample grids and pipelines all call these two). Idempotent."""
-    vae.to(torch.float32)
+    if any(p.dtype != torch.float32 for p in vae.parameters()):
+        vae.to(torch.float32)
     if getattr(vae, "_dreambench_fp32", False):
         return vae
     for name in ("encode", "decode"):

@@ -1,0 +1,133 @@
+"""Non-finite losses/gradients stop (or skip) with the step named, the last good checkpoint stays; trainable
+weights stay fp32 under mixed precision; a VAE that overflows in fp16 runs in fp32."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import TINY, compose
+
+BAD_STEP = 5
+
+
+def _poison_loss_at(monkeypatch, step: int) -> None:
+    """The loss of the `step`-th training step (1-based) becomes NaN, as a diverging run's would."""
+    from dreambench import losses
+    original = losses.prior_preservation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, inst, prior = original(*args, **kwargs)
+        return (loss * float("nan"), inst, prior) if calls["n"] == step else (loss, inst, prior)
+    monkeypatch.setattr(losses, "prior_preservation_loss", poisoned)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from dreambench.resilience import NonFiniteError
+    from dreambench.resilience.checkpoint import AtomicCheckpointIO
+    from dreambench.train import train
+    _poison_loss_at(monkeypatch, BAD_STEP)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=f"non-finite loss \\(nan\\) at training step {BAD_STEP} of 8"):
+        train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "trainer.max_steps=8",
+                       "train.checkpoint_every_n_steps=2", "train.keep_checkpoints=1"]))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step=000004.ckpt"]  # nothing newer, intact
+    ck = AtomicCheckpointIO().load_checkpoint(run / "checkpoints" / "step=000004.ckpt")
+    assert ck["global_step"] == 4 and all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+    assert not (run / "metrics.json").exists() and not (run / "model").exists()
+
+
+def test_skip_drops_the_bad_step_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from dreambench.train import train
+    _poison_loss_at(monkeypatch, 3)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="dreambench"):
+        metrics = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "train.on_nonfinite=skip",
+                                 "train.export_model=false", "train.checkpoint_every_n_steps=6"]))
+    assert metrics["steps"] == 6 and metrics["train/skipped_steps"] == 1.0
+    assert "non-finite loss (nan) at training step 3 of 6: step skipped" in caplog.text
+    ck = torch.load(run / "checkpoints" / "step=000006.ckpt", weights_only=True)
+    # Without the skip, the NaN gradients of step 3 would have made every updated weight NaN.
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def _guard_step(guard, loss, grads, scaler=None):
+    p = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for q, g in zip(p, grads):
+        q.grad = g
+    opt = torch.optim.SGD(p, lr=0.1)
+    trainer = SimpleNamespace(global_step=6, max_steps=10, precision_plugin=SimpleNamespace(scaler=scaler))
+    module = SimpleNamespace(log=lambda *a, **k: None)
+    guard.on_before_backward(trainer, module, torch.tensor(loss))
+    guard.on_before_optimizer_step(trainer, module, opt)
+    return p
+
+
+def test_non_finite_gradient_with_finite_loss_is_caught():
+    from dreambench.resilience import NonFiniteError, NumericsGuard
+    with pytest.raises(NonFiniteError, match="non-finite gradient at training step 7 of 10"):
+        _guard_step(NumericsGuard("stop"), 0.5, [torch.ones(3), torch.tensor([1.0, float("inf")])])
+    p = _guard_step(NumericsGuard("skip"), 0.5, [torch.ones(3), torch.tensor([float("nan")])])
+    assert all(q.grad is None for q in p)  # the optimizer will leave these weights alone
+    p = _guard_step(NumericsGuard("stop"), 0.5, [torch.ones(3)])
+    assert p[0].grad is not None  # finite: untouched
+    # With a GradScaler (16-mixed), inf gradients are the scaler's to skip: only the loss is checked.
+    _guard_step(NumericsGuard("stop"), 0.5, [torch.tensor([float("inf")])], scaler=object())
+    with pytest.raises(NonFiniteError, match="loss"):
+        _guard_step(NumericsGuard("stop"), float("inf"), [torch.ones(1)], scaler=object())
+
+
+def test_half_precision_trainable_weights_are_refused():
+    from dreambench.resilience import NonFiniteError, NumericsGuard
+    m = torch.nn.Linear(2, 2).half()
+    with pytest.raises(NonFiniteError, match="trainable weights must be fp32"):
+        NumericsGuard().on_fit_start(None, m)
+    NumericsGuard().on_fit_start(None, torch.nn.Linear(2, 2))
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_optimizer_state(tmp_path):
+    from dreambench.train import train
+    run = tmp_path / "run"
+    metrics = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "trainer.max_steps=2",
+                             "trainer.precision=bf16-mixed", "train.checkpoint_every_n_steps=2",
+                             # fused AdamW + gradient clipping is refused by Lightning's mixed-precision plugin
+                             "optimizer.fused=false",
+                             "train.export_model=false"]))
+    assert metrics["steps"] == 2
+    ck = torch.load(run / "checkpoints" / "step=000002.ckpt", weights_only=True)
+    assert {v.dtype for v in ck["state_dict"].values()} == {torch.float32}
+    moments = [s["exp_avg"] for s in ck["optimizer_states"][0]["state"].values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+@pytest.mark.parametrize("mode,precision,force,expected", [
+    ("auto", "16-mixed", True, True), ("auto", "16-mixed", False, False), ("auto", "bf16-mixed", True, False),
+    ("auto", "32-true", True, False), ("auto", 16, None, True), (True, "32-true", False, True),
+    ("false", "16-mixed", True, False)])
+def test_vae_fp32_decision(mode, precision, force, expected):
+    from dreambench.resilience.numerics import vae_needs_fp32
+    assert vae_needs_fp32(mode, precision, force) is expected
+
+
+def test_vae_that_overflows_in_fp16_runs_in_fp32(tiny_model_dir):
+    from diffusers import AutoencoderKL
+
+    from dreambench.resilience.numerics import keep_vae_fp32
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae", use_safetensors=True)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e6)  # activations beyond fp16's 65504, like SDXL's VAE on some images
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        half = vae.encode(x).latent_dist.mean
+        fixed = keep_vae_fp32(copy.deepcopy(vae))
+        full = fixed.encode(x).latent_dist.mean
+        image = fixed.decode(full).sample
+    assert half.dtype == torch.float16 and not torch.isfinite(half).all()  # the failure being guarded against
+    assert full.dtype == torch.float32 and torch.isfinite(full).all() and image.dtype == torch.float32
+    assert torch.isfinite(image).all()
