@@ -12,13 +12,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dreambench.utils.io import atomic_write_json
+from dreambench.utils.io import atomic_write_json, safe_rmtree
 
 MANIFEST = "manifest.json"
 
@@ -105,8 +104,8 @@ class ClassImageCache:
             if missing:
                 raise RuntimeError(f"class-image generation left {len(missing)} images missing in {partial}")
             atomic_write_json(partial / MANIFEST, {"key": cache_key(spec), "spec": spec.as_dict(), "files": names})
-            if folder.exists():  # an incomplete or mismatched set under our own key: ours to replace
-                shutil.rmtree(folder)
+            if folder.exists() or folder.is_symlink():  # an incomplete or mismatched set under our own key
+                safe_rmtree(folder, self.root)  # ours to replace, but never through a link out of the cache
             os.replace(partial, folder)
         barrier()
         paths = self.lookup(spec)
