@@ -60,6 +60,7 @@ class DreamBoothModule(L.LightningModule):
         # Lightning restores checkpoints with only the trained weights (see on_save_checkpoint).
         self.strict_loading = False
         self.noise_generator: torch.Generator | None = None
+        self._draw_tables: dict[tuple[int, int], torch.Tensor] = {}  # see _indices
         self._pending_rng: dict[str, Any] | None = None
 
     # ---- set-up: class images, cached latents and text embeddings -------------------------------------
@@ -141,15 +142,14 @@ class DreamBoothModule(L.LightningModule):
         b = int(cfg.data.batch_size)
         micro = self.global_step * accum + batch_idx % accum
         base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
-        positions = range(base, base + b)
         seed = int(cfg.seed)
-        inst = self.instance_bank.sample(torch.tensor(draw_indices(len(self.instance_bank), seed, positions)),
+        inst = self.instance_bank.sample(self._indices(len(self.instance_bank), seed, base, b),
                                          self.noise_generator)
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
         latents = inst
         if self.class_bank is not None:
-            cls = self.class_bank.sample(torch.tensor(draw_indices(len(self.class_bank), seed + 1, positions)),
+            cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
                                          self.noise_generator)
             latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
             ids += [self.class_ids] * b
@@ -160,6 +160,18 @@ class DreamBoothModule(L.LightningModule):
         else:
             cond = self.text_encoder(torch.cat(ids))[0]
         return latents, cond, b
+
+    def _indices(self, n: int, seed: int, base: int, b: int) -> torch.Tensor:
+        """draw_indices for positions base..base+b-1, sliced from the whole run's table, made once on the latents'
+        device: a fresh index tensor copied from the host every step would block the step on a GPU (a sync)."""
+        tables = self._draw_tables
+        table = tables.get((n, seed))
+        if table is None or base + b > len(table):
+            accum = max(1, int(self.trainer.accumulate_grad_batches))
+            total = max(base + b, (int(self.trainer.max_steps) + 1) * accum * self.trainer.world_size * b)
+            table = torch.tensor(draw_indices(n, seed, range(total)), device=self.instance_bank.mean.device)
+            tables[(n, seed)] = table
+        return table[base:base + b]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         latents, cond, n_inst = self._draw(batch_idx)
