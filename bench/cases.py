@@ -80,7 +80,8 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
         if memory and s.cuda:
             clock.at_step(s.warmup, torch.cuda.reset_peak_memory_stats)
         metrics = train(cfg)
-    out = {"steps_per_s": clock.steps_per_s(s.warmup), "memory_plan": metrics.get("memory_plan")}
+    out = {"steps_per_s": clock.steps_per_s(s.warmup), "steps_per_cpu_s": clock.steps_per_cpu_s(s.warmup),
+           "memory_plan": metrics.get("memory_plan")}
     if counter is not None:
         out["syncs_per_step"] = counter.count / s.steps
         out["sync_sites"] = counter.where
@@ -108,13 +109,13 @@ def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_s
             torch.cuda.reset_peak_memory_stats()
     counter = SyncCounter() if sync_count else contextlib.nullcontext()
     with counter:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(s.steps):
             loop.step()
         if s.cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    out = {"steps_per_s": s.steps / dt}
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    out = {"steps_per_s": s.steps / dt, "steps_per_cpu_s": s.steps / dc}
     if sync_count:
         out["syncs_per_step"] = counter.count / s.steps
         out["sync_sites"] = counter.where
@@ -131,7 +132,8 @@ def interleaved(s: Settings, variants: dict[str, Any], reps: int) -> dict[str, l
         for name, fn in variants.items():
             res = fn()
             results[name].append(res)
-            s.log(f"  [{r + 1}/{reps}] {name}: {res['steps_per_s']:.2f} steps/s")
+            s.log(f"  [{r + 1}/{reps}] {name}: {res['steps_per_s']:.2f} steps/s, "
+                  f"{res['steps_per_cpu_s']:.2f} steps per CPU-second")
     return results
 
 
@@ -154,16 +156,18 @@ def case_overhead(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
     med = {k: stats([r["steps_per_s"] for r in v])["median"] for k, v in res.items()}
     rows = []
     what = "tiny SD (1.0 M UNet), 32 px, batch 1 + 1 prior, fp32"
+    cpu = {k: stats([r["steps_per_cpu_s"] for r in v]) for k, v in res.items()}
+
     def paired(a, b):  # run i of a against run i of b (interleaved, so under the same load): median ratio
         return stats([x["steps_per_s"] / y["steps_per_s"] for x, y in zip(res[a], res[b])])["median"]
     for k in names:
-        extra = {}
-        if k == names[2]:
-            extra["ratio_vs"] = {"reference, as used": med[names[2]] / med[names[0]]}
-            extra["paired_ratio"] = paired(names[2], names[0])
-        if k == names[3]:
-            extra["ratio_vs"] = {"reference, equal work": med[names[3]] / med[names[1]]}
-            extra["paired_ratio"] = paired(names[3], names[1])
+        extra = {"steps_per_cpu_s": cpu[k]}
+        for mine, theirs, label in ((names[2], names[0], "reference, as used"),
+                                    (names[3], names[1], "reference, equal work")):
+            if k == mine:
+                extra["ratio_vs"] = {label: med[mine] / med[theirs]}
+                extra["paired_ratio"] = paired(mine, theirs)
+                extra["cpu_time_ratio"] = cpu[mine]["median"] / cpu[theirs]["median"]
         rows.append(row("framework overhead", k, "steps/s", [r["steps_per_s"] for r in res[k]], what, **extra))
     return rows
 
@@ -189,6 +193,7 @@ def case_switches(s: Settings, baseline: float | None) -> list[dict[str, Any]]:
     for k, v in res.items():
         vals = [r["steps_per_s"] for r in v]
         extra = {"ratio_vs": {"dreambench defaults": stats(vals)["median"] / baseline}} if baseline else {}
+        extra["steps_per_cpu_s"] = stats([r["steps_per_cpu_s"] for r in v])
         rows.append(row("switches (tiny)", f"dreambench, {k}", "steps/s", vals,
                         "tiny SD, 32 px, 1 + 1; ratio against dreambench's defaults above", **extra))
     return rows

@@ -88,6 +88,8 @@ class StepClock:
     def __init__(self, sync: bool = False):
         self.starts: list[float] = []
         self.ends: list[float] = []
+        self.cpu_starts: list[float] = []  # process CPU time: what a step costs, whatever else the machine runs
+        self.cpu_ends: list[float] = []
         self.sync = sync and torch.cuda.is_available()
         self.hooks: dict[int, Any] = {}
         self.end_hooks: dict[int, Any] = {}
@@ -111,6 +113,7 @@ class StepClock:
             if k in clock.hooks:
                 clock.hooks[k]()
             clock.starts.append(time.perf_counter())
+            clock.cpu_starts.append(time.process_time())
             return clock.orig_start(mod, batch, batch_idx)
 
         def end(mod, outputs, batch, batch_idx):
@@ -118,6 +121,7 @@ class StepClock:
             if clock.sync:
                 torch.cuda.synchronize()
             clock.ends.append(time.perf_counter())
+            clock.cpu_ends.append(time.process_time())
             k = len(clock.ends) - 1
             if k in clock.end_hooks:
                 clock.end_hooks[k]()
@@ -135,6 +139,9 @@ class StepClock:
         if n < 1:
             raise RuntimeError(f"only {len(self.ends)} steps ran, {warmup} warm-up")
         return n / (self.ends[-1] - self.starts[warmup])
+
+    def steps_per_cpu_s(self, warmup: int) -> float:
+        return (len(self.ends) - warmup) / (self.cpu_ends[-1] - self.cpu_starts[warmup])
 
 
 class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):

@@ -51,8 +51,11 @@ def markdown(result: dict[str, Any]) -> str:
                   if r.get("n", 1) > 1 else "")
         vs = "; ".join(f"{v:.2f}× {k}" for k, v in (r.get("ratio_vs") or {}).items())
         if r.get("paired_ratio") is not None:
-            vs += f" (paired runs: {r['paired_ratio']:.2f}×)"
+            vs += f" (paired runs: {r['paired_ratio']:.2f}×; by CPU time: {r['cpu_time_ratio']:.2f}×)"
         notes = []
+        if r.get("steps_per_cpu_s"):
+            c = r["steps_per_cpu_s"]
+            notes.append(f"{fmt(c['median'])} steps per CPU-second [{fmt(c['q1'])}–{fmt(c['q3'])}]")
         if r.get("mfu") is not None:
             notes.append(f"MFU {100 * r['mfu']:.1f}%")
         if r.get("peak_allocated_gb") is not None:

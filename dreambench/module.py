@@ -194,6 +194,7 @@ class DreamBoothModule(L.LightningModule):
         groups = self.method.param_groups(self, float(cfg.optimizer.lr))
         params = [p for g in groups for p in g["params"]]
         optimizer = instantiate(cfg.optimizer, **speed.optimizer_kwargs(cfg.optimizer, params))(groups)
+        speed.allow_clipping(optimizer)  # fused AdamW + mixed precision + clipping: see speed.allow_clipping
         from diffusers.optimization import get_scheduler
         sched = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=int(cfg.train.lr_warmup_steps),
                               num_training_steps=int(cfg.trainer.max_steps))

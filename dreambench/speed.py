@@ -74,6 +74,17 @@ def optimizer_kwargs(opt_cfg: Any, params: list[torch.Tensor]) -> dict[str, Any]
     return {"fused": ok}
 
 
+def allow_clipping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Lightning's mixed-precision plugin (2.6) refuses gradient clipping for any optimizer whose class sets
+    `_step_supports_amp_scaling` (fused AdamW does) - under bf16-mixed too, where no gradient scaler exists and
+    clipping before a fused step is plain correct. The flag only tells a GradScaler it may hand the scale to
+    the fused kernel instead of unscaling the gradients itself; turned off on this instance, a 16-mixed scaler
+    unscales first (before the clip, as Lightning does for other optimizers) and then steps: also correct."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer._step_supports_amp_scaling = False
+    return optimizer
+
+
 class FirstStepClock:
     """Logs the wall-clock time (unix seconds) when the first training step starts: `make bench` reads it to
     measure start-up (command -> first step)."""

@@ -220,3 +220,18 @@ def test_quick_bench_run_writes_json_and_markdown(tmp_path):
     assert plan and all(r["median"] > 1 for r in plan)
     assert "| case | variant | median |" in md and "framework overhead" in md
     assert md in p.stdout  # the table is printed too
+
+
+def test_fused_adamw_trains_under_bf16_mixed_with_clipping(images, tmp_path):
+    """Lightning refuses clipping with a fused optimizer under mixed precision unless speed.allow_clipping
+    runs; with it, 2 bf16-mixed steps with gradient_clip_val=1.0 and fused AdamW train the UNet."""
+    module, _ = build(images, tmp_path, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
+                      setup=False)
+    before = module.unet.conv_in.weight.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module)
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert not torch.equal(before, module.unet.conv_in.weight)
