@@ -125,10 +125,10 @@ def test_wrong_class_is_seeded_and_never_the_subjects_own():
     assert picks != {s: wrong_class(s, 1) for s in classes}
 
 
-def _smoke(table: str, tmp_path: Path, subjects: str) -> Path:
+def _smoke(table: str, tmp_path: Path, subjects: str, *overrides: str) -> Path:
     out = tmp_path / table
     env = {**os.environ, "OUT": str(out), "SUBJECTS": subjects, "PY": sys.executable}
-    r = subprocess.run(["bash", str(REPO / "experiments" / f"{table}.sh"), "--smoke"], cwd=REPO, env=env,
+    r = subprocess.run(["bash", str(REPO / "experiments" / f"{table}.sh"), "--smoke", *overrides], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -139,7 +139,8 @@ def _csv(out: Path, table: str) -> dict:
 
 
 def test_table3_smoke_end_to_end(tmp_path):
-    out = _smoke("table3", tmp_path, "dog")
+    # The default suite's smoke table: one subject and 5 steps (the slow tests run table1/table4 as `--smoke` is).
+    out = _smoke("table3", tmp_path, "dog", "trainer.max_steps=5")
     by = _csv(out, "table3")
     for row in ("with_prior", "no_prior"):
         assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1
