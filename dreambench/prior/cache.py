@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 from dreambench.utils.io import atomic_write_json, safe_rmtree
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("dreambench")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class ClassImageCache:
         names = self._names(spec)
         # Files already in a partial folder were renamed into place complete; a killed run resumes from them.
         todo = [i for i in range(rank, spec.count, world_size) if not (partial / names[i]).is_file()]
+        log.info("class images: rank %d of %d renders %d of %d", rank, world_size, len(todo), spec.count)
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"class images [{rank}]" if world_size > 1 else "class images",
                    unit="img", disable=not progress)
