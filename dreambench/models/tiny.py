@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from dreambench.models.tokenizer import build_tiny_tokenizer
 
-TINY_VERSION = 2  # bump when the architecture or construction changes: the folder name carries it
+TINY_VERSION = 3  # bump when the architecture or construction changes: the folder name carries it
 RESOLUTION = 32  # px; the VAE downsamples 2x, so latents are 4 x 16 x 16
 
 
@@ -59,6 +59,12 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
                               set_alpha_to_one=False, prediction_type="epsilon")
     scheduler.register_to_config(clip_sample=False)  # as SD 1.5's config: DDIM must not clip latents to [-1, 1]
+    # A trained VAE's posterior is nearly deterministic (SD's std is ~1e-3 of the latent scale); a random one
+    # has std ~1, which would bury the subject under sampling noise. log-variance := -12 (std 0.0025).
+    with torch.no_grad():
+        c = vae.config.latent_channels
+        vae.quant_conv.weight[c:] = 0.0
+        vae.quant_conv.bias[c:] = -12.0
     # The latent scaling factor is chosen as SD's 0.18215 was: 1 / std of the latents of typical images,
     # so the diffusion process sees unit-variance latents.
     with torch.no_grad():
