@@ -134,3 +134,29 @@ def test_schema_fields_exist_in_the_shipped_configs():
         declared = _declared(str(CONF), group)
         missing = {f.name for f in dataclasses.fields(schema)} - declared - {"min_size"}  # min_size: optional
         assert not missing, (group, missing)
+
+
+def test_prior_folder_images_are_validated_up_front_like_instance_images(tmp_path, no_model_loads):
+    """prior=folder goes through the same image validation (dreambench/data/images.py) at start-up."""
+    from PIL import Image
+
+    from dreambench.errors import UserError
+    from dreambench.train import prepare
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(folder / f"dog{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "tiny.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(folder / "small.png")  # below the 32 px training resolution
+    (folder / ".DS_Store").write_bytes(b"\x00\x00")  # hidden: ignored, not an error
+    base = ["+experiment=dog", "model=tiny", "prior=folder", f"prior.folder={folder}", f"paths.run_dir={tmp_path}"]
+    with pytest.raises(UserError) as e:
+        prepare(compose(base))
+    msg = str(e.value)
+    assert all(name in msg for name in ("broken.jpg", "tiny.png", "small.png")) and ".DS_Store" not in msg
+    # skip: warns and goes on with the good images only
+    from dreambench.prior import FolderPrior
+    prior = FolderPrior(str(folder), on_bad_image="skip")
+    prior.check(32)
+    assert sorted(p.name for p in prior.paths) == ["dog0.png", "dog1.png"]
