@@ -84,9 +84,10 @@ def test_non_finite_gradient_with_finite_loss_is_caught():
 
 
 def test_half_precision_trainable_weights_are_refused():
-    from dreambench.resilience import NonFiniteError, NumericsGuard
+    from dreambench.errors import UserError
+    from dreambench.resilience import NumericsGuard
     m = torch.nn.Linear(2, 2).half()
-    with pytest.raises(NonFiniteError, match="trainable weights must be fp32"):
+    with pytest.raises(UserError, match="trainable weights must be fp32"):
         NumericsGuard().on_fit_start(None, m)
     NumericsGuard().on_fit_start(None, torch.nn.Linear(2, 2))
 

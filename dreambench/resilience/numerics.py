@@ -49,7 +49,8 @@ class NumericsGuard(L.Callback):
         # loses small updates and cannot be unscaled (diffusers' example refuses it for the same reason).
         bad = [n for n, p in pl_module.named_parameters() if p.requires_grad and p.dtype != torch.float32]
         if bad:
-            raise NonFiniteError(f"trainable weights must be fp32, {len(bad)} are not (e.g. {bad[0]}: "
+            from dreambench.errors import UserError
+            raise UserError(f"trainable weights must be fp32, {len(bad)} are not (e.g. {bad[0]}: "
                                  f"{dict(pl_module.named_parameters())[bad[0]].dtype}); use trainer.precision="
                                  f"bf16-mixed or 16-mixed, not a *-true half precision")
 
