@@ -137,3 +137,14 @@ def test_textual_inversion_refuses_an_existing_token(tmp_path):
     # "dog" is a word of the tokenizer: adding it as the new token would silently shadow it.
     with pytest.raises(ValueError, match="already in the tokenizer"):
         train(tiny_cfg(tmp_path / "run", "method=textual_inversion", "method.placeholder=dog"))
+
+
+def test_load_run_pipeline_says_what_is_missing(tmp_path):
+    from dreambench.methods import load_run_pipeline
+
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither model_index.json nor method.json"):
+        load_run_pipeline(tmp_path)
+    (tmp_path / "model" / "method.json").write_text(json.dumps({"method": "hypernetwork", "base_model": {}}))
+    with pytest.raises(ValueError, match="unknown method 'hypernetwork'"):
+        load_run_pipeline(tmp_path)
