@@ -36,15 +36,24 @@ SD_NOTES = (
 
 TABLES = {
     "table1": Table(
-        "table1", "Table 1: subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T)",
+        "table1",
+        "Table 1: subject fidelity (DINO, CLIP-I) and prompt fidelity (CLIP-T)",
         ("dino", "clip_i", "clip_t"),
         (
             Row("real", "Real images", {"dino": 0.774, "clip_i": 0.885, "clip_t": None}),
-            Row("dreambooth", "DreamBooth (Stable Diffusion)", {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}),
-            Row("textual_inversion", "Textual Inversion (Stable Diffusion)",
-                {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255}),
+            Row(
+                "dreambooth",
+                "DreamBooth (Stable Diffusion)",
+                {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
+            ),
+            Row(
+                "textual_inversion",
+                "Textual Inversion (Stable Diffusion)",
+                {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255},
+            ),
         ),
-        SD_NOTES + (
+        SD_NOTES
+        + (
             "DreamBooth (Imagen), 0.696 / 0.812 / 0.306 in the paper, is not reproducible here (Imagen is not "
             "public).",
             "Textual Inversion: the paper does not give its TI settings; ours are Gal et al.'s (lr 5e-3 x batch, "
@@ -53,29 +62,44 @@ TABLES = {
         ),
     ),
     "table3": Table(
-        "table3", "Table 3: prior-preservation loss ablation", ("pres", "div", "dino", "clip_i", "clip_t"),
+        "table3",
+        "Table 3: prior-preservation loss ablation",
+        ("pres", "div", "dino", "clip_i", "clip_t"),
         (
-            Row("with_prior", "With prior loss (λ = 1)",
-                {"pres": 0.493, "div": 0.391, "dino": 0.684, "clip_i": 0.815, "clip_t": 0.308}),
-            Row("no_prior", "Without prior loss (λ = 0)",
-                {"pres": 0.664, "div": 0.371, "dino": 0.712, "clip_i": 0.828, "clip_t": 0.306}),
+            Row(
+                "with_prior",
+                "With prior loss (λ = 1)",
+                {"pres": 0.493, "div": 0.391, "dino": 0.684, "clip_i": 0.815, "clip_t": 0.308},
+            ),
+            Row(
+                "no_prior",
+                "Without prior loss (λ = 0)",
+                {"pres": 0.664, "div": 0.371, "dino": 0.712, "clip_i": 0.828, "clip_t": 0.306},
+            ),
         ),
-        ("The paper's Table 3 was run on Imagen with 15 unnamed subjects; ours is Stable Diffusion on the recipe's "
-         "subjects: compare the direction and size of the effect (PRES up, DIV down without the prior), not the "
-         "values.",) + SD_NOTES,
+        (
+            "The paper's Table 3 was run on Imagen with 15 unnamed subjects; ours is Stable Diffusion on the recipe's "
+            "subjects: compare the direction and size of the effect (PRES up, DIV down without the prior), not the "
+            "values.",
+        )
+        + SD_NOTES,
     ),
     "table4": Table(
-        "table4", "Table 4: class-noun ablation", ("dino", "clip_i"),
+        "table4",
+        "Table 4: class-noun ablation",
+        ("dino", "clip_i"),
         (
             Row("correct", "Correct class noun", {"dino": 0.744, "clip_i": 0.853}),
             Row("none", "No class noun", {"dino": 0.303, "clip_i": 0.607}),
             Row("wrong", "Wrong class noun", {"dino": 0.454, "clip_i": 0.728}),
         ),
-        ("The paper's Table 4 was run on Imagen with 5 subjects; ours is Stable Diffusion on the recipe's subjects: "
-         "compare the ordering (correct > wrong > none), not the values.",
-         "Wrong class: another DreamBench class drawn per subject with a fixed seed (analysis/recipes.py); the "
-         "paper does not say how its wrong classes were chosen.",
-         "No class noun: the class prompt of the prior loss becomes 'a' (the paper does not say what it used).")
+        (
+            "The paper's Table 4 was run on Imagen with 5 subjects; ours is Stable Diffusion on the recipe's subjects: "
+            "compare the ordering (correct > wrong > none), not the values.",
+            "Wrong class: another DreamBench class drawn per subject with a fixed seed (analysis/recipes.py); the "
+            "paper does not say how its wrong classes were chosen.",
+            "No class noun: the class prompt of the prior loss becomes 'a' (the paper does not say what it used).",
+        )
         + SD_NOTES,
     ),
 }

@@ -1,7 +1,7 @@
 """What the table recipes (experiments/table*.sh) ask of the data set, as one-line answers for shell scripts.
 
-    python -m analysis.recipes subjects [--smoke]        dog,backpack,...  (all 30; --smoke: dog,backpack)
-    python -m analysis.recipes wrong-class dog [--seed 0]  a DreamBench class other than the subject's
+python -m analysis.recipes subjects [--smoke]        dog,backpack,...  (all 30; --smoke: dog,backpack)
+python -m analysis.recipes wrong-class dog [--seed 0]  a DreamBench class other than the subject's
 """
 
 from __future__ import annotations

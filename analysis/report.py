@@ -38,7 +38,9 @@ def grid_for(run, out: Path) -> Path | None:
         info = json.loads(manifest.read_text()).get("subjects", {}).get(run.subject, {})
         folder = Path(info.get("real_folder", ""))
         if folder.is_dir():
-            real = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+            real = sorted(
+                p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
+            )
     real = real[:MAX_REAL]
     gen = gen[:MAX_GENERATED]
     tiles = [_tile(p) for p in real + gen]
@@ -60,34 +62,47 @@ def _table_html(table, rows) -> str:
         for m in table.metrics:
             c, p = r.cells[m], r.paper.get(m)
             d = diff(c, p)
-            cells.append(f"<td>{html.escape(ours(c))}</td><td>{fmt(p)}</td>"
-                         f"<td>{'n/a' if d is None else f'{d:+.3f}'}</td>")
+            cells.append(
+                f"<td>{html.escape(ours(c))}</td><td>{fmt(p)}</td>"
+                f"<td>{'n/a' if d is None else f'{d:+.3f}'}</td>"
+            )
         n = max((c.n for c in r.cells.values()), default=0)
         body.append(f"<tr><th>{html.escape(r.label)}</th>{''.join(cells)}<td>{n}</td></tr>")
-    return (f"<table><tr><th rowspan=2>row</th>{head}<th rowspan=2>subjects</th></tr><tr>{sub}</tr>"
-            + "".join(body) + "</table>")
+    return (
+        f"<table><tr><th rowspan=2>row</th>{head}<th rowspan=2>subjects</th></tr><tr>{sub}</tr>"
+        + "".join(body)
+        + "</table>"
+    )
 
 
 def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -> Path:
     from dreambench.utils.io import atomic_write_text
 
-    parts = ["<!doctype html><meta charset=utf-8><title>dreambench: the DreamBooth paper's tables</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
-             "pre{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto}</style>",
-             f"<h1>DreamBooth (Ruiz et al., CVPR 2023): our numbers beside the paper's</h1>"
-             f"<p>Run folders: <code>{html.escape(str(folder))}</code>. Numbers: mean over subjects with a 95% "
-             "bootstrap interval over subjects; the paper's from shared/docs/PROTOCOL.md.</p>"]
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>dreambench: the DreamBooth paper's tables</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
+        "margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
+        "pre{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto}</style>",
+        f"<h1>DreamBooth (Ruiz et al., CVPR 2023): our numbers beside the paper's</h1>"
+        f"<p>Run folders: <code>{html.escape(str(folder))}</code>. Numbers: mean over subjects with a 95% "
+        "bootstrap interval over subjects; the paper's from shared/docs/PROTOCOL.md.</p>",
+    ]
     protocol = None
     for name, (table, rows) in tables.items():
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
         from analysis.tables import smoke_note
+
         if warn := smoke_note(rows):
             parts.append(f"<p><b>{html.escape(warn)}</b></p>")
         parts.append(_table_html(table, rows))
-        parts.append(f'<p><img src="{name}_bars.png" alt="bars"> <img src="{name}_scatter.png" alt="scatter"></p>')
-        parts.append("<h3>Known differences from the paper</h3><ul>"
-                     + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes) + "</ul>")
+        parts.append(
+            f'<p><img src="{name}_bars.png" alt="bars"> <img src="{name}_scatter.png" alt="scatter"></p>'
+        )
+        parts.append(
+            "<h3>Known differences from the paper</h3><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes)
+            + "</ul>"
+        )
         parts.append("<h3>Images per subject and row</h3>")
         for r in rows:
             for run in sorted(r.runs, key=lambda x: (x.subject, x.seed)):
@@ -97,10 +112,14 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
                 if g is None:
                     parts.append(f"<p>{html.escape(label)}: no generated images (not evaluated)</p>")
                 else:
-                    parts.append(f"<figure><img src=\"{g.relative_to(out).as_posix()}\" alt=\"{html.escape(label)}\">"
-                                 f"<figcaption>{html.escape(label)}</figcaption></figure>")
+                    parts.append(
+                        f'<figure><img src="{g.relative_to(out).as_posix()}" alt="{html.escape(label)}">'
+                        f"<figcaption>{html.escape(label)}</figcaption></figure>"
+                    )
     parts.append("<h2>Protocol card (from the first evaluated run)</h2>")
-    parts.append(f"<pre>{html.escape(json.dumps(protocol, indent=1)) if protocol else 'no evaluated run'}</pre>")
+    parts.append(
+        f"<pre>{html.escape(json.dumps(protocol, indent=1)) if protocol else 'no evaluated run'}</pre>"
+    )
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return path

@@ -24,7 +24,6 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -84,7 +83,7 @@ def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, 
 def find_runs(folder: Path) -> list[Run]:
     runs = []
     for cfg_file in sorted(folder.rglob("config.yaml")):
-        if "eval" in cfg_file.parts[len(folder.parts):]:
+        if "eval" in cfg_file.parts[len(folder.parts) :]:
             continue
         cfg = _load_yaml(cfg_file)
         recipe = cfg.get("recipe") or {}
@@ -97,8 +96,18 @@ def find_runs(folder: Path) -> list[Run]:
         scores, reasons = _scores(ev, subject)
         if not ev:
             reasons = {"*": "not evaluated (no eval/metrics.json)"}
-        runs.append(Run(run, str(recipe["table"]), str(recipe["row"]), subject, int(cfg.get("seed", 0)), scores,
-                        reasons, ev.get("protocol")))
+        runs.append(
+            Run(
+                run,
+                str(recipe["table"]),
+                str(recipe["row"]),
+                subject,
+                int(cfg.get("seed", 0)),
+                scores,
+                reasons,
+                ev.get("protocol"),
+            )
+        )
     return runs
 
 
@@ -145,7 +154,10 @@ def build(folder: Path, table: Table) -> list[RowResult]:
                 reasons = {"*": "no runs"}
         cells = {m: aggregate(per, m, reasons.get(m) or reasons.get("*", "")) for m in table.metrics}
         if row.key == "real":  # CLIP-T has no meaning for real images (no prompt)
-            cells = {m: (Cell(reason="n/a") if row.paper.get(m) is None and not c.n else c) for m, c in cells.items()}
+            cells = {
+                m: (Cell(reason="n/a") if row.paper.get(m) is None and not c.n else c)
+                for m, c in cells.items()
+            }
         out.append(RowResult(row.key, row.label, cells, row.paper, per, mine))
     return out
 
@@ -158,12 +170,15 @@ def smoke_note(rows: list[RowResult]) -> str | None:
             cfg = _load_yaml(run.folder / "config.yaml")
             enc = json.dumps((run.protocol or {}).get("encoders", {}))
             if (cfg.get("model") or {}).get("build_tiny") or "tiny-encoders" in enc:
-                return ("SMOKE RUN: tiny random model and/or tiny random encoders — these numbers test the "
-                        "pipeline end to end and mean nothing about the paper.")
+                return (
+                    "SMOKE RUN: tiny random model and/or tiny random encoders — these numbers test the "
+                    "pipeline end to end and mean nothing about the paper."
+                )
     return None
 
 
 # ------------------------------------------------------------------------------------------------- rendering
+
 
 def fmt(x: float | None, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
@@ -178,7 +193,9 @@ def diff(c: Cell, paper: float | None) -> float | None:
 
 
 def to_markdown(table: Table, rows: list[RowResult]) -> str:
-    head = ["row"] + [f"{LABELS[m]} {h}" for m in table.metrics for h in ("ours [95% CI]", "paper", "Δ")] + ["n"]
+    head = (
+        ["row"] + [f"{LABELS[m]} {h}" for m in table.metrics for h in ("ours [95% CI]", "paper", "Δ")] + ["n"]
+    )
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
@@ -189,54 +206,97 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
         n = max((c.n for c in r.cells.values()), default=0)
         lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
     warn = smoke_note(rows)
-    lines += ([""] + [f"**{warn}**"] if warn else []) + [
-        "", "Ours: mean over subjects [95% bootstrap interval over subjects]; Δ = ours − paper. "
-        "Known differences from the paper:", ""] + [f"- {n}" for n in table.notes]
+    lines += (
+        ([""] + [f"**{warn}**"] if warn else [])
+        + [
+            "",
+            "Ours: mean over subjects [95% bootstrap interval over subjects]; Δ = ours − paper. "
+            "Known differences from the paper:",
+            "",
+        ]
+        + [f"- {n}" for n in table.notes]
+    )
     return "\n".join(lines) + "\n"
 
 
 def _tex(s: str) -> str:
-    return (s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
-            .replace("#", r"\#").replace("λ", r"$\lambda$"))
+    return (
+        s.replace("\\", r"\textbackslash{}")
+        .replace("&", r"\&")
+        .replace("%", r"\%")
+        .replace("_", r"\_")
+        .replace("#", r"\#")
+        .replace("λ", r"$\lambda$")
+    )
 
 
 def to_latex(table: Table, rows: list[RowResult]) -> str:
     m = table.metrics
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{l" + "ccc" * len(m) + "}", r"\toprule",
-             " & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{LABELS[x]}}}" for x in m) + r" \\",
-             " & ".join(["Method"] + ["ours", "paper", r"$\Delta$"] * len(m)) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\begin{tabular}{l" + "ccc" * len(m) + "}",
+        r"\toprule",
+        " & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{LABELS[x]}}}" for x in m) + r" \\",
+        " & ".join(["Method"] + ["ours", "paper", r"$\Delta$"] * len(m)) + r" \\",
+        r"\midrule",
+    ]
     for r in rows:
         cells = []
         for x in m:
             c, p = r.cells[x], r.paper.get(x)
             d = diff(c, p)
-            cells += [rf"{c.mean:.3f} \tiny{{[{c.lo:.3f}, {c.hi:.3f}]}}" if c.n else "--",
-                      fmt(p) if p is not None else "--", f"{d:+.3f}" if d is not None else "--"]
+            cells += [
+                rf"{c.mean:.3f} \tiny{{[{c.lo:.3f}, {c.hi:.3f}]}}" if c.n else "--",
+                fmt(p) if p is not None else "--",
+                f"{d:+.3f}" if d is not None else "--",
+            ]
         lines.append(" & ".join([_tex(r.label)] + cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{_tex(table.title)}. Ours: mean over subjects with a 95\% bootstrap interval; "
-              r"paper: Ruiz et al.\ (CVPR 2023).}", rf"\label{{tab:{table.name}}}", r"\end{table}"]
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{_tex(table.title)}. Ours: mean over subjects with a 95\% bootstrap interval; "
+        r"paper: Ruiz et al.\ (CVPR 2023).}",
+        rf"\label{{tab:{table.name}}}",
+        r"\end{table}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: Table, rows: list[RowResult]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["table", "row", "label", "metric", "ours", "ci95_lo", "ci95_hi", "n_subjects", "paper", "diff",
-                "note"])
+    w.writerow(
+        [
+            "table",
+            "row",
+            "label",
+            "metric",
+            "ours",
+            "ci95_lo",
+            "ci95_hi",
+            "n_subjects",
+            "paper",
+            "diff",
+            "note",
+        ]
+    )
     for r in rows:
         for m in table.metrics:
             c, p = r.cells[m], r.paper.get(m)
             d = diff(c, p)
-            w.writerow([table.name, r.key, r.label, m] + ([f"{c.mean:.6f}", f"{c.lo:.6f}", f"{c.hi:.6f}"]
-                                                          if c.n else ["", "", ""])
-                       + [c.n, "" if p is None else p, "" if d is None else f"{d:.6f}", "" if c.n else c.reason])
+            w.writerow(
+                [table.name, r.key, r.label, m]
+                + ([f"{c.mean:.6f}", f"{c.lo:.6f}", f"{c.hi:.6f}"] if c.n else ["", "", ""])
+                + [c.n, "" if p is None else p, "" if d is None else f"{d:.6f}", "" if c.n else c.reason]
+            )
     return buf.getvalue()
 
 
 def plot_bars(table: Table, rows: list[RowResult], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -246,13 +306,22 @@ def plot_bars(table: Table, rows: list[RowResult], path: Path) -> None:
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(m))]
         ys = [r.cells[x].mean if r.cells[x].n else 0.0 for x in m]
-        err = [[(r.cells[x].mean - r.cells[x].lo) if r.cells[x].n else 0 for x in m],
-               [(r.cells[x].hi - r.cells[x].mean) if r.cells[x].n else 0 for x in m]]
+        err = [
+            [(r.cells[x].mean - r.cells[x].lo) if r.cells[x].n else 0 for x in m],
+            [(r.cells[x].hi - r.cells[x].mean) if r.cells[x].n else 0 for x in m],
+        ]
         bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label=r.label, alpha=0.85)
         px = [(x, r.paper[k]) for x, k in zip(xs, m) if r.paper.get(k) is not None]
         if px:
-            ax.scatter([p[0] for p in px], [p[1] for p in px], marker="_", s=300, color="black", zorder=3,
-                       label="paper" if i == 0 else None)
+            ax.scatter(
+                [p[0] for p in px],
+                [p[1] for p in px],
+                marker="_",
+                s=300,
+                color="black",
+                zorder=3,
+                label="paper" if i == 0 else None,
+            )
         for b, x in zip(bars, m):
             if not r.cells[x].n:
                 ax.text(b.get_x() + b.get_width() / 2, 0.01, "n/a", ha="center", fontsize=7, rotation=90)
@@ -267,6 +336,7 @@ def plot_bars(table: Table, rows: list[RowResult], path: Path) -> None:
 
 def plot_scatter(table: Table, rows: list[RowResult], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -289,10 +359,11 @@ def plot_scatter(table: Table, rows: list[RowResult], path: Path) -> None:
     plt.close(fig)
 
 
-def render(folder: Path, names: list[str] | None = None, out: Path | None = None) -> dict[str, list[RowResult]]:
-    from dreambench.utils.io import atomic_write_text
-
+def render(
+    folder: Path, names: list[str] | None = None, out: Path | None = None
+) -> dict[str, list[RowResult]]:
     from analysis.report import write_report
+    from dreambench.utils.io import atomic_write_text
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -300,11 +371,15 @@ def render(folder: Path, names: list[str] | None = None, out: Path | None = None
     found = {r.table for r in find_runs(folder)}
     names = names or sorted(t for t in found if t in TABLES)
     if not names:
-        raise SystemExit(f"analysis.tables: error: no run folders of a table recipe under {folder} (their "
-                         f"config.yaml has no recipe.table; see experiments/README.md)")
+        raise SystemExit(
+            f"analysis.tables: error: no run folders of a table recipe under {folder} (their "
+            f"config.yaml has no recipe.table; see experiments/README.md)"
+        )
     unknown = [n for n in names if n not in TABLES]
     if unknown:
-        raise SystemExit(f"analysis.tables: error: unknown table {', '.join(unknown)} (known: {', '.join(TABLES)})")
+        raise SystemExit(
+            f"analysis.tables: error: unknown table {', '.join(unknown)} (known: {', '.join(TABLES)})"
+        )
     out = Path(out) if out else folder / "tables"
     out.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -21,14 +21,33 @@ def env_defaults(tmp_root: Path) -> None:
 
 
 def tiny_cfg(run_dir: Path, *overrides: str, subject: str = "dog"):
-    base = [f"+experiment={subject}", "model=tiny", "+preset=smoke", "logger=none", "prior=none", "progress=false",
-            f"paths.run_dir={run_dir}", "trainer.max_steps=6", "train.sample_every_n_steps=0",
-            "train.checkpoint_every_n_steps=0", "guidance.num_inference_steps=2", "train.sample_seeds=[0]"]
+    base = [
+        f"+experiment={subject}",
+        "model=tiny",
+        "+preset=smoke",
+        "logger=none",
+        "prior=none",
+        "progress=false",
+        f"paths.run_dir={run_dir}",
+        "trainer.max_steps=6",
+        "train.sample_every_n_steps=0",
+        "train.checkpoint_every_n_steps=0",
+        "guidance.num_inference_steps=2",
+        "train.sample_seeds=[0]",
+    ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=base + list(overrides))
 
 
 def render(pipe, prompt: str, seed: int = 0, steps: int = 3) -> np.ndarray:
     import torch
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32, output_type="np",
-                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]

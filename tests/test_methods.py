@@ -20,6 +20,7 @@ def _env(tmp_path_factory):
 
 def _base(cfg):
     from dreambench.methods.runs import load_base_pipeline
+
     return load_base_pipeline(dict(cfg.model))
 
 
@@ -33,8 +34,15 @@ def test_lora_trains_exports_adapter_only_and_loads_back(tmp_path):
 
     run = tmp_path / "run"
     # alpha != rank: the loader must apply alpha / rank from the file's metadata.
-    cfg = tiny_cfg(run, "method=lora", "method.rank=4", "method.alpha=8", "method.lr=1e-2",
-                   "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3")
+    cfg = tiny_cfg(
+        run,
+        "method=lora",
+        "method.rank=4",
+        "method.alpha=8",
+        "method.lr=1e-2",
+        "model.train_text_encoder=true",
+        "train.checkpoint_every_n_steps=3",
+    )
     metrics = train(cfg)
     assert metrics["method"]["name"] == "lora" and metrics["steps"] == 6
     files = sorted(p.name for p in (run / "model").iterdir())
@@ -45,7 +53,9 @@ def test_lora_trains_exports_adapter_only_and_loads_back(tmp_path):
     saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
     assert saved and all("lora" in k for k in saved)
     assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
-    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora.up" in k or "lora_B" in k)  # B moved from 0
+    assert any(
+        v.abs().max() > 0 for k, v in saved.items() if "lora.up" in k or "lora_B" in k
+    )  # B moved from 0
     ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # adapters only
 

@@ -26,18 +26,30 @@ def _env(tmp_path_factory):
 def _run(root: Path, table: str, row: str, subject: str, seed: int, scores: dict, images: int = 0) -> Path:
     run = root / table / row / f"{subject}-s{seed}"
     (run / "eval").mkdir(parents=True)
-    cfg = {"recipe": {"table": table, "row": row}, "data": {"subject": subject, "class_noun": "dog"}, "seed": seed,
-           "model": {"build_tiny": False}}
+    cfg = {
+        "recipe": {"table": table, "row": row},
+        "data": {"subject": subject, "class_noun": "dog"},
+        "seed": seed,
+        "model": {"build_tiny": False},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    metrics = {k: ({"mean": v, "per_subject": {subject: v}} if isinstance(v, float) else v) for k, v in scores.items()}
-    (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": metrics, "protocol": {"encoders": {"dino": "x"}}}))
+    metrics = {
+        k: ({"mean": v, "per_subject": {subject: v}} if isinstance(v, float) else v)
+        for k, v in scores.items()
+    }
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "protocol": {"encoders": {"dino": "x"}}})
+    )
     if images:
         sub = run / "eval" / "images" / subject
         sub.mkdir(parents=True)
         for i in range(images):
             Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(sub / f"00_{i}.png")
-        (run / "eval" / "images" / "prompts.json").write_text(json.dumps({"subjects": {subject: {
-            "real_folder": os.environ["DREAMBENCH_DATA"] + f"/{subject}"}}}))
+        (run / "eval" / "images" / "prompts.json").write_text(
+            json.dumps(
+                {"subjects": {subject: {"real_folder": os.environ["DREAMBENCH_DATA"] + f"/{subject}"}}}
+            )
+        )
     return run
 
 
@@ -45,17 +57,32 @@ def test_table1_numbers_intervals_paper_column_and_report(tmp_path):
     rng = np.random.default_rng(0)
     db = {s: float(v) for s, v in zip(["dog", "cat", "can"], rng.uniform(0.5, 0.7, 3))}
     for s, v in db.items():
-        _run(tmp_path, "table1", "dreambooth", s, 0, {"dino": v, "clip_i": 0.8, "clip_t": 0.3,
-                                                       "div": "unavailable: no LPIPS weights"}, images=3)
+        _run(
+            tmp_path,
+            "table1",
+            "dreambooth",
+            s,
+            0,
+            {"dino": v, "clip_i": 0.8, "clip_t": 0.3, "div": "unavailable: no LPIPS weights"},
+            images=3,
+        )
     # Two seeds of one subject: averaged within the subject first, so the subject still counts once.
     _run(tmp_path, "table1", "textual_inversion", "dog", 0, {"dino": 0.50, "clip_i": 0.7, "clip_t": 0.2})
     _run(tmp_path, "table1", "textual_inversion", "dog", 1, {"dino": 0.60, "clip_i": 0.7, "clip_t": 0.2})
     _run(tmp_path, "table1", "textual_inversion", "cat", 0, {"dino": 0.70, "clip_i": 0.7, "clip_t": 0.2})
     (tmp_path / "real" / "eval").mkdir(parents=True)
-    (tmp_path / "real" / "eval" / "metrics.json").write_text(json.dumps({
-        "metrics": {"dino": {"mean": 0}, "clip_t": "n/a (real images row)"},
-        "per_subject": {"dog": {"dino": 0.8, "clip_i": 0.9}, "cat": {"dino": 0.7, "clip_i": 0.9},
-                        "vase": {"dino": 0.1, "clip_i": 0.1}}}))  # vase: no run of the table, left out
+    (tmp_path / "real" / "eval" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "metrics": {"dino": {"mean": 0}, "clip_t": "n/a (real images row)"},
+                "per_subject": {
+                    "dog": {"dino": 0.8, "clip_i": 0.9},
+                    "cat": {"dino": 0.7, "clip_i": 0.9},
+                    "vase": {"dino": 0.1, "clip_i": 0.1},
+                },
+            }
+        )
+    )  # vase: no run of the table, left out
 
     rows = {r.key: r for r in tables.render(tmp_path)["table1"]}
     out = tmp_path / "tables"
@@ -74,7 +101,10 @@ def test_table1_numbers_intervals_paper_column_and_report(tmp_path):
     assert float(by["real", "clip_i"]["paper"]) == 0.885 and by["real", "clip_t"]["paper"] == ""
     assert float(by["dreambooth", "dino"]["diff"]) == pytest.approx(dino.mean - 0.668, abs=1e-6)
     md = (out / "table1.md").read_text()
-    assert "| DreamBooth (Stable Diffusion) | " + f"{dino.mean:.3f} [{dino.lo:.3f}, {dino.hi:.3f}] | 0.668 |" in md
+    assert (
+        "| DreamBooth (Stable Diffusion) | " + f"{dino.mean:.3f} [{dino.lo:.3f}, {dino.hi:.3f}] | 0.668 |"
+        in md
+    )
     assert "Imagen" in md and "SMOKE" not in md
     tex = (out / "table1.tex").read_text()
     assert r"\begin{tabular}" in tex and "0.569" in tex and r"Textual Inversion" in tex
@@ -88,11 +118,16 @@ def test_table1_numbers_intervals_paper_column_and_report(tmp_path):
 
 
 def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
-    _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6, "pres": 0.5, "div": "unavailable: no LPIPS"})
+    _run(
+        tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6, "pres": 0.5, "div": "unavailable: no LPIPS"}
+    )
     run = tmp_path / "table3" / "no_prior" / "dog-s0"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"recipe": {"table": "table3", "row": "no_prior"},
-                                                     "data": {"subject": "dog"}, "seed": 0}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"recipe": {"table": "table3", "row": "no_prior"}, "data": {"subject": "dog"}, "seed": 0}
+        )
+    )
     tables.render(tmp_path, ["table3"])
     by = {(r["row"], r["metric"]): r for r in csv.DictReader((tmp_path / "tables" / "table3.csv").open())}
     assert by["with_prior", "div"]["note"].startswith("unavailable") and by["with_prior", "div"]["ours"] == ""
@@ -103,7 +138,7 @@ def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
 
 
 def test_paper_numbers_match_protocol():
-    text = (REPO.parent / "shared" / "docs" / "PROTOCOL.md")
+    text = REPO.parent / "shared" / "docs" / "PROTOCOL.md"
     if not text.is_file():
         pytest.skip("shared/docs/PROTOCOL.md is not next to the repository")
     doc = text.read_text()
@@ -128,8 +163,15 @@ def test_wrong_class_is_seeded_and_never_the_subjects_own():
 def _smoke(table: str, tmp_path: Path, subjects: str, *overrides: str) -> Path:
     out = tmp_path / table
     env = {**os.environ, "OUT": str(out), "SUBJECTS": subjects, "PY": sys.executable}
-    r = subprocess.run(["bash", str(REPO / "experiments" / f"{table}.sh"), "--smoke", *overrides], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        ["bash", str(REPO / "experiments" / f"{table}.sh"), "--smoke", *overrides],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -158,7 +200,9 @@ def test_table1_smoke_end_to_end(tmp_path):
     by = _csv(out, "table1")
     for row in ("real", "dreambooth", "textual_inversion"):
         assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 2
-    assert by["textual_inversion", "clip_t"]["ours"] and float(by["textual_inversion", "dino"]["paper"]) == 0.569
+    assert (
+        by["textual_inversion", "clip_t"]["ours"] and float(by["textual_inversion", "dino"]["paper"]) == 0.569
+    )
     method = json.loads((out / "textual_inversion" / "dog-s0" / "model" / "method.json").read_text())
     assert method["method"] == "textual_inversion" and method["token"] == "<sks>"
     assert "0.774" in (out / "tables" / "table1.md").read_text()

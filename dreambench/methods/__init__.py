@@ -9,4 +9,4 @@ from dreambench.methods.textual_inversion import TextualInversion
 # method.json's "method" -> the class that loads its artefact onto a base pipeline (load_run_pipeline).
 METHODS = {"dreambooth": DreamBooth, "lora": LoRA, "textual_inversion": TextualInversion}
 
-__all__ = ["Method", "DreamBooth", "LoRA", "TextualInversion", "METHODS", "load_run_pipeline"]
+__all__ = ["METHODS", "DreamBooth", "LoRA", "Method", "TextualInversion", "load_run_pipeline"]

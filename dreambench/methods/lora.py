@@ -17,15 +17,25 @@ class LoRA(Method):
 
     name = "lora"
 
-    def __init__(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
-                 target_modules: list[str] | tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
-                 train_text_encoder: bool = False, text_encoder_rank: int | None = None,
-                 text_encoder_target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj",
-                                                                               "out_proj"),
-                 lr: float | None = 1e-4, text_encoder_lr: float | None = None):
+    def __init__(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        target_modules: list[str] | tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+        train_text_encoder: bool = False,
+        text_encoder_rank: int | None = None,
+        text_encoder_target_modules: list[str] | tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj"),
+        lr: float | None = 1e-4,
+        text_encoder_lr: float | None = None,
+    ):
         if int(rank) <= 0:
             raise ValueError(f"method.rank={rank} must be a positive integer")
-        self.rank, self.alpha, self.dropout = int(rank), float(alpha if alpha is not None else rank), float(dropout)
+        self.rank, self.alpha, self.dropout = (
+            int(rank),
+            float(alpha if alpha is not None else rank),
+            float(dropout),
+        )
         self.target_modules = list(target_modules)
         self.train_text_encoder = bool(train_text_encoder)
         self.text_encoder_rank = int(text_encoder_rank or rank)
@@ -34,10 +44,16 @@ class LoRA(Method):
 
     def _config(self, rank: int, targets: list[str]):
         from peft import LoraConfig
+
         # "gaussian": A ~ N(0, 1/r), B = 0, so the adapted model starts exactly at the base model (the class
         # images rendered in setup() are the base model's).
-        return LoraConfig(r=rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights="gaussian",
-                          target_modules=targets)
+        return LoraConfig(
+            r=rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
 
     def prepare(self, module: Any) -> None:
         module.unet.requires_grad_(False)
@@ -45,18 +61,26 @@ class LoRA(Method):
         module.unet.train()
         if self.train_text_encoder:
             module.text_encoder.requires_grad_(False)
-            module.text_encoder.add_adapter(self._config(self.text_encoder_rank, self.text_encoder_target_modules))
+            module.text_encoder.add_adapter(
+                self._config(self.text_encoder_rank, self.text_encoder_target_modules)
+            )
             module.text_encoder.train()
         n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         if n == 0:
-            raise ValueError(f"method=lora: no module of the UNet matches target_modules={self.target_modules}")
+            raise ValueError(
+                f"method=lora: no module of the UNet matches target_modules={self.target_modules}"
+            )
 
     def param_groups(self, module: Any, lr: float) -> list[dict[str, Any]]:
         unet_lr = float(self.lr if self.lr is not None else lr)
         groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad], "lr": unet_lr}]
         if self.train_text_encoder:
-            groups.append({"params": [p for p in module.text_encoder.parameters() if p.requires_grad],
-                           "lr": float(self.text_encoder_lr if self.text_encoder_lr is not None else unet_lr)})
+            groups.append(
+                {
+                    "params": [p for p in module.text_encoder.parameters() if p.requires_grad],
+                    "lr": float(self.text_encoder_lr if self.text_encoder_lr is not None else unet_lr),
+                }
+            )
         return groups
 
     def trained_prefixes(self, module: Any) -> tuple[str, ...]:
@@ -74,16 +98,27 @@ class LoRA(Method):
         te = module.text_encoder if self.train_text_encoder else None
         # The adapter metadata (rank, alpha, targets) travels in the file, so a loader applies alpha / r exactly.
         StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=layers(module.unet),
+            folder,
+            unet_lora_layers=layers(module.unet),
             text_encoder_lora_layers=layers(te) if te is not None else None,
             unet_lora_adapter_metadata=module.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict() if te is not None else None,
-            safe_serialization=True, weight_name=LORA_FILE)
+            text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict()
+            if te is not None
+            else None,
+            safe_serialization=True,
+            weight_name=LORA_FILE,
+        )
         write_method_json(folder, module.run_cfg, {"method": self.name, "artefact": LORA_FILE})
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules,
-                "train_text_encoder": self.train_text_encoder, "lr": self.lr}
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "train_text_encoder": self.train_text_encoder,
+            "lr": self.lr,
+        }
 
     @staticmethod
     def load_artefact(pipe, folder: Path, info: dict[str, Any]) -> None:

@@ -17,7 +17,10 @@ def write_method_json(folder: Path, run_cfg: DictConfig, info: dict[str, Any]) -
     from dreambench.utils.io import atomic_write_json
 
     m = run_cfg.model
-    base = {k: OmegaConf.select(m, k) for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny")}
+    base = {
+        k: OmegaConf.select(m, k)
+        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny")
+    }
     atomic_write_json(Path(folder) / METHOD_FILE, {**info, "base_model": base})
 
 
@@ -33,12 +36,18 @@ def load_base_pipeline(base: dict[str, Any]):
 
     # model=tiny is rebuilt (seeded, identical) where its cache folder is gone.
     ref = resolve_model_ref(OmegaConf.create(base))
-    pipe = StableDiffusionPipeline.from_pretrained(ref, revision=base.get("revision"), variant=base.get("variant"),
-                                                   use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        ref,
+        revision=base.get("revision"),
+        variant=base.get("variant"),
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
     if base.get("prediction_type"):  # as in training (e.g. sd21 768 px is v-prediction)
-        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
-                                                              prediction_type=base["prediction_type"])
+        pipe.scheduler = pipe.scheduler.__class__.from_config(
+            pipe.scheduler.config, prediction_type=base["prediction_type"]
+        )
     return pipe
 
 
@@ -52,15 +61,19 @@ def load_run_pipeline(run_dir: str | Path):
     info = read_method_json(model_dir)
     if info is None:
         if not (model_dir / "model_index.json").is_file():
-            raise FileNotFoundError(f"{run_dir}: no exported model ({model_dir} has neither model_index.json "
-                                    f"nor {METHOD_FILE})")
-        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+            raise FileNotFoundError(
+                f"{run_dir}: no exported model ({model_dir} has neither model_index.json nor {METHOD_FILE})"
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model_dir), use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        )
     else:
         cls = METHODS.get(info.get("method"))
         if cls is None:
-            raise ValueError(f"{model_dir / METHOD_FILE}: unknown method {info.get('method')!r} "
-                             f"(known: {', '.join(METHODS)})")
+            raise ValueError(
+                f"{model_dir / METHOD_FILE}: unknown method {info.get('method')!r} "
+                f"(known: {', '.join(METHODS)})"
+            )
         pipe = load_base_pipeline(info["base_model"])
         cls.load_artefact(pipe, model_dir, info)
     pipe.set_progress_bar_config(disable=True)

@@ -22,8 +22,13 @@ class TextualInversion(Method):
     name = "textual_inversion"
     train_text_encoder = True  # the embedding changes every step: prompts are encoded every step
 
-    def __init__(self, placeholder: str = "<{identifier}>", initializer: str | None = None, lr: float = 5e-3,
-                 scale_lr: bool = True):
+    def __init__(
+        self,
+        placeholder: str = "<{identifier}>",
+        initializer: str | None = None,
+        lr: float = 5e-3,
+        scale_lr: bool = True,
+    ):
         self.placeholder, self.initializer = placeholder, initializer
         self.lr, self.scale_lr = float(lr), bool(scale_lr)
         self.token: str | None = None
@@ -41,12 +46,16 @@ class TextualInversion(Method):
         init_text = self.initializer if self.initializer is not None else str(module.run_cfg.data.class_noun)
         init_ids = tok(init_text, add_special_tokens=False).input_ids
         if not init_ids:
-            raise ValueError("method=textual_inversion initialises the new token from the class noun, which is "
-                             "empty here: set method.initializer=<a word>")
+            raise ValueError(
+                "method=textual_inversion initialises the new token from the class noun, which is "
+                "empty here: set method.initializer=<a word>"
+            )
         # A placeholder that is already one token ("dog", "sks") would be shadowed for every prompt.
         if len(tok(self.token, add_special_tokens=False).input_ids) == 1 or tok.add_tokens(self.token) != 1:
-            raise ValueError(f"method=textual_inversion: token {self.token!r} is already in the tokenizer; choose "
-                             f"another with method.placeholder=...")
+            raise ValueError(
+                f"method=textual_inversion: token {self.token!r} is already in the tokenizer; choose "
+                f"another with method.placeholder=..."
+            )
         self.token_id = tok.convert_tokens_to_ids(self.token)
         # mean_resizing=False: new rows are written below; the other rows are copied unchanged.
         te.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -78,18 +87,27 @@ class TextualInversion(Method):
         return tuple(n for n, p in module.named_parameters() if p.requires_grad)
 
     def learned_embedding(self, module: Any) -> torch.Tensor:
-        return module.text_encoder.get_input_embeddings().weight[self.token_id:self.token_id + 1].detach()
+        return module.text_encoder.get_input_embeddings().weight[self.token_id : self.token_id + 1].detach()
 
     def export(self, module: Any, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({self.token: self.learned_embedding(module).float().cpu().contiguous()}, str(folder / EMBEDS_FILE))
-        write_method_json(folder, module.run_cfg, {"method": self.name, "artefact": EMBEDS_FILE, "token": self.token})
+        save_file(
+            {self.token: self.learned_embedding(module).float().cpu().contiguous()}, str(folder / EMBEDS_FILE)
+        )
+        write_method_json(
+            folder, module.run_cfg, {"method": self.name, "artefact": EMBEDS_FILE, "token": self.token}
+        )
 
     @staticmethod
     def load_artefact(pipe, folder: Path, info: dict[str, Any]) -> None:
         pipe.load_textual_inversion(str(folder / info["artefact"]), token=info["token"])
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "placeholder": self.token, "initializer": self.initializer, "lr": self.lr,
-                "scale_lr": self.scale_lr}
+        return {
+            "name": self.name,
+            "placeholder": self.token,
+            "initializer": self.initializer,
+            "lr": self.lr,
+            "scale_lr": self.scale_lr,
+        }
