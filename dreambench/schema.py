@@ -19,7 +19,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +35,7 @@ class DataSchema:
     subject: str = "???"
     class_noun: str = "???"
     live: bool = False
-    instance_dir: Optional[str] = None
+    instance_dir: str | None = None
     identifier: str = "sks"
     instance_prompt: str = "a {identifier} {class_noun}"
     class_prompt: str = "a {class_noun}"
@@ -44,19 +44,19 @@ class DataSchema:
     hflip: bool = False
     batch_size: int = 1
     on_bad_image: str = "error"
-    min_size: Optional[int] = None
+    min_size: int | None = None
 
 
 @dataclass
 class ModelSchema:
     name: str = "sd15"
     pretrained: str = "???"
-    revision: Optional[str] = None
-    variant: Optional[str] = None
+    revision: str | None = None
+    variant: str | None = None
     resolution: int = 512
-    prediction_type: Optional[str] = None
+    prediction_type: str | None = None
     train_text_encoder: bool = False
-    text_encoder_lr: Optional[float] = None
+    text_encoder_lr: float | None = None
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     allow_pickle: bool = False
@@ -81,7 +81,7 @@ class GuidanceSchema:
     scheduler: str = "DDIMScheduler"
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    negative_prompt: Optional[str] = ""
+    negative_prompt: str | None = ""
     height: int = 512
     width: int = 512
 
@@ -122,14 +122,14 @@ def _declared(conf_dir: str, group: str) -> frozenset[str]:
     files = list((root / group).glob("*.yaml")) if (root / group).is_dir() else []
     for f in files:
         text = f.read_text()
-        if "@package _global_" in text.split("\n", 3)[0:3].__str__():
+        if any("@package _global_" in line for line in text.splitlines()[:3]):
             continue  # an override file (experiment, preset), not a declaration
         node = OmegaConf.load(f)
         if isinstance(node, DictConfig):
-            keys |= {str(k) for k in node.keys() if k != "defaults"}
+            keys |= {str(k) for k in node if k != "defaults"}
     primary = OmegaConf.load(root / "train.yaml")
     if group in primary and isinstance(primary[group], DictConfig):
-        keys |= {str(k) for k in primary[group].keys()}
+        keys |= {str(k) for k in primary[group]}
     return frozenset(keys)
 
 
@@ -137,7 +137,7 @@ def _declared(conf_dir: str, group: str) -> frozenset[str]:
 def _top_level(conf_dir: str) -> frozenset[str]:
     root = Path(conf_dir)
     groups = {p.name for p in root.iterdir() if p.is_dir()}
-    return frozenset(groups | {str(k) for k in OmegaConf.load(root / "train.yaml").keys() if k != "defaults"})
+    return frozenset(groups | {str(k) for k in OmegaConf.load(root / "train.yaml") if k != "defaults"})
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -211,7 +211,7 @@ def _plain(node: Any) -> Any:
     except Exception:  # noqa: BLE001
         raw = OmegaConf.to_container(node, resolve=False)
         out = {}
-        for k in node.keys():
+        for k in node:
             try:
                 out[k] = _plain(node[k])
             except Exception:  # noqa: BLE001

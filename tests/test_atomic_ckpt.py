@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO
 
 WRITER = r"""
@@ -33,7 +33,11 @@ while True:
 
 
 def _check_folder(d: Path) -> int:
-    from dreambench.resilience.checkpoint import checkpoint_step, find_latest_checkpoint, is_complete_checkpoint
+    from dreambench.resilience.checkpoint import (
+        checkpoint_step,
+        find_latest_checkpoint,
+        is_complete_checkpoint,
+    )
     latest = find_latest_checkpoint(d)
     assert latest is not None, sorted(p.name for p in d.iterdir())
     for p in d.glob("step=*.ckpt"):  # every visible checkpoint is whole
@@ -80,7 +84,7 @@ def test_failed_save_leaves_previous_checkpoint_and_no_temporary(tmp_path):
     io = AtomicCheckpointIO(keep=1)
     io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, tmp_path / "step=000001.ckpt")
     before = (tmp_path / "step=000001.ckpt").read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
         io.save_checkpoint({"global_step": 2, "bad": lambda: 0}, tmp_path / "step=000002.ckpt")  # unpicklable
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step=000001.ckpt"]
     assert (tmp_path / "step=000001.ckpt").read_bytes() == before

@@ -3,11 +3,9 @@ named, in one UserError line, before any model loads; and no false alarm on any 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
 from helpers import CONF, TINY, compose, run_cli
 
 
@@ -119,8 +117,8 @@ def test_every_shipped_option_and_experiment_validates_clean(tmp_path):
         if "optimizer=adamw8bit" in ov:  # bitsandbytes is an optional extra: named if it is missing
             import importlib.util
             if importlib.util.find_spec("bitsandbytes") is None:
-                assert found == ["optimizer._target_=bitsandbytes.optim.AdamW8bit cannot be imported "
-                                 "(a missing optional dependency?)"]
+                assert found == [("optimizer._target_=bitsandbytes.optim.AdamW8bit cannot be imported "
+                                  "(a missing optional dependency?)")]
                 continue
         assert found == [], (ov, found)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY, compose
 
 N, K = 8, 3  # the interruption is asked for after step K; it takes effect at the next step boundary
@@ -73,7 +72,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch):
-    full_run, full, full_rows = uninterrupted
+    _, full, full_rows = uninterrupted
     metrics = _interrupted_then_resumed(tmp_path / "run", monkeypatch)
     assert metrics["steps"] == N
     part = _final(tmp_path / "run")

@@ -100,7 +100,7 @@ def requeue_slurm() -> bool:
     if not re.fullmatch(r"[0-9_]+", job):
         log.warning("not requeueing: unexpected SLURM job id %r", job)
         return False
-    r = subprocess.run([exe, "requeue", job], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([exe, "requeue", job], capture_output=True, text=True, timeout=120, check=False)
     if r.returncode:
         log.warning("scontrol requeue %s failed (%d): %s", job, r.returncode, r.stderr.strip())
         return False
