@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,21 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
     run_dir = Path(tempfile.mkdtemp(prefix=f"db-{tag}-", dir=s.work))
     cfg = compose([*model, *train_overrides(s.work, run_dir, s.warmup + s.steps, extra)])
     counter = SyncCounter() if sync_count else None
-    with StepClock(sync=s.cuda) as clock:
+    cuda_debug = sync_count and s.cuda
+    with StepClock(sync=s.cuda and not sync_count) as clock, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if counter is not None:  # count over the timed steps only
-            clock.at_step(s.warmup, counter.__enter__)
-            clock.after_step(s.warmup + s.steps - 1, lambda: counter.__exit__(None, None, None))
+            def start():
+                counter.__enter__()
+                if cuda_debug:  # every synchronising CUDA call warns, blocking host<->device copies included
+                    torch.cuda.set_sync_debug_mode("warn")
+
+            def stop():
+                if cuda_debug:
+                    torch.cuda.set_sync_debug_mode(0)
+                counter.__exit__(None, None, None)
+            clock.at_step(s.warmup, start)
+            clock.after_step(s.warmup + s.steps - 1, stop)
         if memory and s.cuda:
             clock.at_step(s.warmup, torch.cuda.reset_peak_memory_stats)
         metrics = train(cfg)
@@ -85,6 +97,8 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
     if counter is not None:
         out["syncs_per_step"] = counter.count / s.steps
         out["sync_sites"] = counter.where
+        if cuda_debug:
+            out["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / s.steps
     if memory and s.cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -108,10 +122,16 @@ def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_s
         if memory:
             torch.cuda.reset_peak_memory_stats()
     counter = SyncCounter() if sync_count else contextlib.nullcontext()
-    with counter:
+    cuda_debug = sync_count and s.cuda
+    with counter, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda_debug:
+            torch.cuda.set_sync_debug_mode("warn")
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(s.steps):
             loop.step()
+        if cuda_debug:
+            torch.cuda.set_sync_debug_mode(0)
         if s.cuda:
             torch.cuda.synchronize()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
@@ -119,6 +139,8 @@ def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_s
     if sync_count:
         out["syncs_per_step"] = counter.count / s.steps
         out["sync_sites"] = counter.where
+        if cuda_debug:
+            out["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / s.steps
     if memory and s.cuda:
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     del loop, comps
@@ -205,10 +227,15 @@ def case_syncs(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
     db = dreambench_steps(sub, ["model=tiny"], ["trainer.log_every_n_steps=5"], "sync", sync_count=True)
     ref = reference_steps(sub, tiny_ref, 32, True, None, sync_count=True)
     what = "aten._local_scalar_dense calls (.item(), bool(), float() on a tensor) per step, 10 steps, logging every 5"
-    return [row("host syncs per step", "dreambench", "syncs/step", [db["syncs_per_step"]], what,
+    rows = [row("host syncs per step", "dreambench", "syncs/step", [db["syncs_per_step"]], what,
                 sites=db["sync_sites"]),
             row("host syncs per step", "reference loop (diffusers example)", "syncs/step", [ref["syncs_per_step"]],
                 what, sites=ref["sync_sites"])]
+    cuda_what = "warnings of torch.cuda.set_sync_debug_mode('warn') per step (all synchronising CUDA calls)"
+    for name, res in (("dreambench", db), ("reference loop (diffusers example)", ref)):
+        rows.append(row("CUDA syncs per step", name, "syncs/step", [res["cuda_syncs_per_step"]], cuda_what)
+                    if "cuda_syncs_per_step" in res else skipped("CUDA syncs per step", name, NO_CUDA, cuda_what))
+    return rows
 
 
 FIRST_STEP = re.compile(r"first training step at ([0-9.]+) \(unix s\)")
