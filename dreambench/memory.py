@@ -51,6 +51,7 @@ class MemoryEstimate:
     device: str = "cpu"
     capacity: int | None = None            # device memory in bytes (None: not checked, e.g. CPU)
     notes: list[str] = field(default_factory=list)
+    exact: bool = True                     # False: the method could not be planned (an upper bound, never a stop)
 
     @property
     def total(self) -> int:
@@ -108,18 +109,21 @@ def meta_modules(configs: dict[str, dict[str, Any]]):
 class _Stub(torch.nn.Module):
     """What a method's prepare/param_groups see of the LightningModule: the trainable components."""
 
-    def __init__(self, unet, text_encoder, vae):
+    def __init__(self, unet, text_encoder, vae, **context):
         super().__init__()
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.train_text_encoder = False
+        for k, v in context.items():  # e.g. tokenizer, identifier, run_cfg (textual inversion adds a token)
+            setattr(self, k, v)
 
 
-def trainable_parameters(method: Any, unet, text_encoder, vae) -> tuple[int, bool, list[str]]:
+def trainable_parameters(method: Any, unet, text_encoder, vae, context: dict[str, Any] | None = None
+                         ) -> tuple[int, bool, list[str]]:
     """(trainable parameter count, text encoder in the graph with grad?, notes), from the method's own code."""
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
-    stub = _Stub(unet, text_encoder, vae)
+    stub = _Stub(unet, text_encoder, vae, **(context or {}))
     try:
         method.prepare(stub)
         groups = method.param_groups(stub, 1e-4)
@@ -215,14 +219,15 @@ def _nbytes(n: int, dtype: torch.dtype) -> int:
 def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int, batch_size: int = 1,
              prior: bool = True, precision: str = "32-true", gradient_checkpointing: bool = False,
              optimizer: str = "AdamW", attention: str = "sdpa", frozen_dtype: torch.dtype | None = None,
-             device: str = "cpu", capacity: int | None = None) -> MemoryEstimate:
+             device: str = "cpu", capacity: int | None = None, context: dict[str, Any] | None = None
+             ) -> MemoryEstimate:
     """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
     `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained)."""
     unet, text_encoder, vae = meta_modules(configs)
     params = {"unet": sum(p.numel() for p in unet.parameters()),
               "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
               "vae": sum(p.numel() for p in vae.parameters())}
-    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoder, vae)
+    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoder, vae, context)
     mixed = "mixed" in str(precision)
     half = torch.bfloat16 if "bf16" in str(precision) else torch.float16
     true_half = str(precision) in ("bf16-true", "16-true", "bf16", "16")
@@ -258,7 +263,8 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
              "activations": activations, "overhead": CUDA_OVERHEAD_BYTES if device.startswith("cuda") else 0}
     if te_grad:
         notes.append("text-encoder activations not traced (small beside the UNet's: 77 tokens)")
-    return MemoryEstimate(params, trainable, parts, device, capacity, notes)
+    return MemoryEstimate(params, trainable, parts, device, capacity, notes, exact=not notes or not any(
+        "could not be planned" in n for n in notes))
 
 
 def device_capacity(accelerator: str) -> tuple[str, int | None]:
@@ -291,18 +297,43 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
                        prior=float(cfg.prior.get("weight", 0.0)) > 0, precision=precision,
                        gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=opt,
                        attention=str(cfg.model.get("attention", "sdpa")), frozen_dtype=frozen,
-                       device=device, capacity=cap)
+                       device=device, capacity=cap, context=_method_context(cfg, model_ref, method))
     except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
         log.warning("memory plan skipped: %s: %s", e.__class__.__name__, str(e).splitlines()[0] if str(e) else "")
         return None
     log.info(est.line())
-    if not est.fits:
+    for note in est.notes:
+        log.warning("memory plan: %s", note)
+    if not est.fits and not est.exact:
+        log.warning("memory plan: the upper bound exceeds %s's %s; not stopping on an upper bound", device, human(cap))
+    elif not est.fits:
         raise UserError(
             f"estimated peak memory {human(est.total)} exceeds {device}'s {human(cap)} "
             f"(resolution {cfg.data.resolution}, batch {cfg.data.batch_size}, precision {precision}); try "
             f"model.gradient_checkpointing=true, optimizer=adamw8bit, method=lora or a smaller data.resolution "
             f"(memory.plan=false skips this check)")
     return est
+
+
+def _method_context(cfg: Any, model_ref: str, method: Any) -> dict[str, Any]:
+    """What a method's prepare may read besides the components: the tokenizer (a few hundred KB of files, no
+    weights), the identifier as train() resolves it, and the run config."""
+    from types import SimpleNamespace
+
+    # param_groups may scale a learning rate by the trainer's accumulation and world size: counts don't care.
+    trainer = SimpleNamespace(accumulate_grad_batches=int(cfg.trainer.get("accumulate_grad_batches", 1) or 1),
+                              world_size=1, global_rank=0, max_steps=int(cfg.trainer.get("max_steps", 1)))
+    ctx: dict[str, Any] = {"run_cfg": cfg, "trainer": trainer}
+    try:
+        from transformers import CLIPTokenizer
+
+        from dreambench.data.identifier import resolve_identifier
+        tok = CLIPTokenizer.from_pretrained(model_ref, subfolder="tokenizer", revision=cfg.model.get("revision"))
+        ident = resolve_identifier(str(cfg.data.get("identifier", "sks")), tok, int(cfg.seed))
+        ctx.update(tokenizer=tok, identifier=method.identifier_token(ident))
+    except Exception as e:  # noqa: BLE001 - without it a method needing one is planned as an upper bound
+        log.debug("memory plan: no tokenizer for the method (%s)", e.__class__.__name__)
+    return ctx
 
 
 def resolve_frozen_dtype(setting: Any, precision: str, on_gpu: bool) -> torch.dtype | None:

@@ -109,3 +109,29 @@ def test_exceeding_the_device_stops_before_any_model_loads(tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"estimated peak memory .* exceeds .* 1\.0 MB"):
         train_mod.train(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_textual_inversion_is_planned_from_its_own_prepare(tmp_path):
+    from dreambench.train import prepare
+    plan = prepare(compose(prepare_overrides(tmp_path, "method=textual_inversion")))
+    m = plan.memory
+    assert m.exact
+    # Only the (resized) token-embedding matrix is trained: vocabulary + 1 new token, x hidden size.
+    from dreambench.memory import read_configs
+    te = read_configs(plan.model_ref)["text_encoder"]
+    assert m.trainable == (te["vocab_size"] + 1) * te["hidden_size"]
+    assert m.parts["optimizer"] == 8 * m.trainable
+
+
+def test_an_unplannable_method_reports_an_upper_bound_but_never_stops(tmp_path, monkeypatch):
+    from dreambench.memory import plan_for
+    from dreambench.methods import DreamBooth
+
+    class Odd(DreamBooth):
+        def prepare(self, module):
+            raise RuntimeError("needs something the planner does not have")
+    cfg = compose(prepare_overrides(tmp_path, "memory.capacity_gb=0.001"))
+    from dreambench.models.loading import resolve_model_ref
+    est = plan_for(cfg, resolve_model_ref(cfg.model), Odd())
+    assert not est.exact and not est.fits  # over the 1 MB device, yet no UserError: an upper bound only
+    assert any("could not be planned" in n for n in est.notes)
