@@ -3,12 +3,10 @@ across ranks, and rank 1 writes nothing of its own."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-
 from helpers import TINY, run_cli
 
 

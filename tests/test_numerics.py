@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from helpers import TINY, compose
 
 BAD_STEP = 5

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, TINY
 
 STEPS = 20

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, compose, run_cli
 
 SECRET = "SECRET123-do-not-log"
