@@ -111,10 +111,17 @@ def find_runs(folder: Path) -> list[Run]:
     return runs
 
 
-def real_row(folder: Path) -> tuple[dict[str, dict[str, float]], dict[str, str], dict | None]:
-    f = folder / "real" / "eval" / "metrics.json"
-    if not f.is_file():
-        return {}, {"*": f"no real-images evaluation ({f} missing)"}, None
+def real_row(
+    folder: Path, table: str = "table1"
+) -> tuple[dict[str, dict[str, float]], dict[str, str], dict | None]:
+    # <table folder>/real (the recipe's), or <folder>/<table>/real when given the parent of several tables, or
+    # dreambench.evaluate's own default out_dir (experiments/real-images).
+    candidates = [folder / "real", folder / table / "real", folder / "real-images"]
+    f = next(
+        (c / "eval" / "metrics.json" for c in candidates if (c / "eval" / "metrics.json").is_file()), None
+    )
+    if f is None:
+        return {}, {"*": f"no real-images evaluation ({candidates[0]}/eval/metrics.json missing)"}, None
     ev = json.loads(f.read_text())
     per = {s: {k: float(v) for k, v in d.items()} for s, d in ev.get("per_subject", {}).items()}
     reasons = {k: str(v) for k, v in ev.get("metrics", {}).items() if not isinstance(v, dict)}
@@ -137,7 +144,7 @@ def build(folder: Path, table: Table) -> list[RowResult]:
     out = []
     for row in table.rows:
         if row.key == "real":
-            per, reasons, _ = real_row(folder)
+            per, reasons, _ = real_row(folder, table.name)
             per = {s: v for s, v in per.items() if not subjects or s in subjects}
             mine: list[Run] = []
         else:
