@@ -148,8 +148,7 @@ def _model_fingerprint(model_dir: Path) -> list:
 
 def generate_run_images(run: Path, run_cfg: DictConfig, identifier: str, root: Path, cfg: DictConfig) -> Path:
     """<run>/eval/images/<subject>/<p>_<k>.png (+ class_<k>.png) and prompts.json, unless already there."""
-    from diffusers import StableDiffusionPipeline
-
+    from dreambench.methods import load_run_pipeline
     from dreambench.sampling import generate, make_scheduler
 
     data, ev = run_cfg.data, cfg.eval
@@ -165,8 +164,9 @@ def generate_run_images(run: Path, run_cfg: DictConfig, identifier: str, root: P
     n, n_cls = int(ev.images_per_prompt), int(ev.pres_images)
     class_prompt = f"a {class_noun}"
     model_dir = run / "model"
-    if not (model_dir / "model_index.json").is_file():
-        raise EvalInputError(f"{run}: no exported model ({model_dir}/model_index.json missing)")
+    if not ((model_dir / "model_index.json").is_file() or (model_dir / "method.json").is_file()):
+        # a whole pipeline (dreambooth) or method.json + an artefact (lora, textual_inversion)
+        raise EvalInputError(f"{run}: no exported model ({model_dir} has neither model_index.json nor method.json)")
     generation = {"model": str(model_dir), "model_files": _model_fingerprint(model_dir), "guidance": guidance,
                   "images_per_prompt": n, "prompts_limit": ev.prompts_limit, "n_prompts": len(prompts),
                   "seed": int(ev.seed), "seed_rule": "seed + 1000 * prompt_index + image_index; class image k: "
@@ -183,8 +183,7 @@ def generate_run_images(run: Path, run_cfg: DictConfig, identifier: str, root: P
         log.info("%s: reusing %d generated images", run, len(names) + len(cls_names))
         return out
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = load_run_pipeline(run)  # any method's run: the base model plus its artefact
     pipe.scheduler = make_scheduler(guidance["scheduler"], pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,10 +43,10 @@ train() {  # train <recipe,...> [overrides...]: the multirun over subjects x rec
     ${TRAIN[@]+"${TRAIN[@]}"} "$@" ${EXTRA[@]+"${EXTRA[@]}"}
 }
 
-evaluate_rows() {  # evaluate_rows <row> ...: every run of those rows (analysis.eval_runs: any method's runs)
+evaluate_rows() {  # evaluate_rows <row> ...: every run of those rows (any method's runs)
   local runs
   runs=$(printf "$OUT/%s," "$@")
-  "$PY" -m analysis.eval_runs mode=run "runs=[${runs%,}]" ${EVAL[@]+"${EVAL[@]}"}
+  "$PY" -m dreambench.evaluate mode=run "runs=[${runs%,}]" ${EVAL[@]+"${EVAL[@]}"}
 }
 
 tables() {
