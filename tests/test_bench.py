@@ -198,7 +198,7 @@ def test_frozen_dtype_casts_on_gpu_only_and_export_gets_exact_fp32():
 def test_quick_bench_run_writes_json_and_markdown(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "bench.run", "--quick", "--reps", "1", "--steps", "2", "--warmup", "1",
-           "--cases", "overhead,syncs,full_size,memory_plan", "--out", str(tmp_path)]
+           "--cases", "overhead,full_size,memory_plan", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((tmp_path / "latest.json").read_text())
@@ -210,8 +210,6 @@ def test_quick_bench_run_writes_json_and_markdown(tmp_path):
     for r in timed:
         assert r["unit"] == "steps/s" and r["median"] > 0 and r["min"] <= r["median"] <= r["max"]
     assert any("ratio_vs" in r for r in timed)
-    syncs = {r["variant"]: r for r in rows if r["case"] == "host syncs per step"}
-    assert len(syncs) == 2 and all(r["median"] >= 0 for r in syncs.values())
     full = [r for r in rows if r["case"] == "full size (GPU)"]
     if not torch.cuda.is_available():
         assert full and all(r["skipped"] == "skipped: no CUDA device" for r in full)
