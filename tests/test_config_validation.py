@@ -109,7 +109,8 @@ def test_every_shipped_option_and_experiment_validates_clean(tmp_path):
     combos = [[f"+experiment={e}", f"paths.run_dir={tmp_path}"] for e in _options("experiment")]
     for group in ("model", "method", "prior", "optimizer", "logger", "trainer", "guidance", "data", "paths"):
         combos += [[*base, f"{group}={o}"] for o in _options(group)]
-    combos += [[*base, f"+preset={o}"] for o in _options("preset")]
+    for group in ("preset", "recipe", "hparams_search"):  # `# @package _global_` files, appended with +
+        combos += [[*base, f"+{group}={o}"] for o in _options(group)]
     for ov in combos:
         if "prior=folder" in ov:
             ov = [*ov, f"prior.folder={tmp_path}"]
