@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] / X | None
         return any(_type_ok(value, t) for t in typing.get_args(tp))
     if tp is type(None):
         return value is None
@@ -224,6 +225,7 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
     raw = OmegaConf.to_container(cfg, resolve=False)
     found = _forbidden_keys(raw)
     c = _plain(cfg)
+    mistyped: set[str] = set()
     found += _unknown("", [str(k) for k in c], set(_top_level(conf_dir)))
     for group, node in c.items():
         if not isinstance(node, dict):
@@ -245,7 +247,10 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
             for k, v in node.items():
                 if k in hints and v != "???" and not _type_ok(v, hints[k]):
                     found.append(f"{group}.{k}={v!r} should be {_type_name(hints[k])}")
+                    mistyped.add(f"{group}.{k}")
     for key, test, must in RULES:
+        if key in mistyped:  # already reported
+            continue
         v: Any = c
         for part in key.split("."):
             v = v.get(part) if isinstance(v, dict) else None

@@ -204,7 +204,7 @@ def main(cfg: DictConfig) -> float | None:
     from dreambench.resilience.preempt import requeue_slurm
     from dreambench.resilience.runs import launch_rank
 
-    if launch_rank() > 0:  # a DDP child: Hydra's log file (delay=true, not yet opened) belongs to rank 0
+    if launch_rank() > 0:  # a DDP child: its Hydra log file (delay=True, see hydra_redact) is never opened
         for h in list(logging.getLogger().handlers):
             if isinstance(h, logging.FileHandler):
                 logging.getLogger().removeHandler(h)

@@ -52,8 +52,10 @@ def test_bad_value_is_named_before_any_model_loads(override, words, tmp_path, no
 
 
 def test_all_problems_are_reported_together(tmp_path, no_model_loads):
-    msg = _error(["optimizer.lr=-1", "+data.subjct=dog", "prior.weight=-1"], tmp_path)
+    msg = _error(["optimizer.lr=-1", "+data.subjct=dog", "prior.weight=-1", "data.batch_size=abc",
+                  "model.text_encoder_lr=1"], tmp_path)
     assert msg.startswith("invalid config: ")
+    assert msg.count("data.batch_size") == 1 and "text_encoder_lr" not in msg  # an int is a fine float
     for key in ("optimizer.lr", "data.subjct", "prior.weight"):
         assert key in msg
 
@@ -91,8 +93,10 @@ def test_unknown_keys_inside_an_experiment_file_are_caught(tmp_path, no_model_lo
 
 def test_cli_reports_one_line_and_exits_2(tmp_path):
     extra = _typo_experiment(tmp_path / "conf")
+    # (hydra/job_logging=disabled: our hydra config must not assume Hydra's default log handlers)
     r = run_cli("dreambench.train", [f"hydra.searchpath=[file://{extra}]", "+experiment=typo_dog", *TINY,
-                                     f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+                                     f"hydra.run.dir={tmp_path / 'run'}", "hydra/job_logging=disabled"],
+                timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dreambench: error:")]
     assert len(lines) == 1 and "data.hflipp" in lines[0] and "trian" in lines[0]

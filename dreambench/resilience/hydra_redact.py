@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dreambench.config import REDACTED, SECRET
 from dreambench.utils.io import atomic_write_text
@@ -72,6 +72,18 @@ def redacted_hydra_files(config: DictConfig) -> dict[str, str]:
 class RedactHydraOutput(Callback):
     def __init__(self, subdir: str = ".hydra"):
         self.subdir = subdir
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A DDP child (Lightning re-runs the command with hydra.job.name=train_ddp_process_<rank>) would open its
+        # own <run>/train_ddp_process_<rank>.log when Hydra configures logging, right after this hook. With
+        # delay=True the file is only created on the first record, and train.main drops the handler first.
+        from omegaconf import read_write
+
+        from dreambench.resilience.runs import launch_rank
+        file_handler = OmegaConf.select(config, "hydra.job_logging.handlers.file")
+        if launch_rank() > 0 and isinstance(file_handler, DictConfig):
+            with read_write(file_handler), open_dict(file_handler):
+                file_handler.delay = True
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from dreambench.resilience.runs import launch_rank
