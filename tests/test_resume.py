@@ -71,7 +71,6 @@ def uninterrupted(tmp_path_factory):
     return run, _final(run), _rows(run)
 
 
-@pytest.mark.slow  # five tiny trainings in all (with the control below)
 def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch):
     _, full, full_rows = uninterrupted
     metrics = _interrupted_then_resumed(tmp_path / "run", monkeypatch)
@@ -91,7 +90,6 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
     assert (tmp_path / "run" / "metrics.json").is_file()  # finished this time
 
 
-@pytest.mark.slow
 def test_negative_control_without_rng_restore_the_runs_differ(uninterrupted, tmp_path, monkeypatch):
     """The test above can fail: with RNG restoration a no-op the resumed run draws other noise."""
     from dreambench.resilience import checkpoint as ckpt
