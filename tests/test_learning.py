@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from helpers import compose
@@ -35,60 +34,51 @@ def _train(subject: Path, run: Path) -> Path:
     return run / "model"
 
 
-def _closeness(model_dir: Path, subject: Path) -> dict[str, float]:
-    """Generated latents against the subject's latents: direction (best cosine) and scale (norm ratio);
-    and the decoded images against the decoded subject latents (pixel MSE)."""
+def _distance(model_dir: Path, subject: Path) -> float:
+    """Mean over 4 fixed-seed images of "a sks toy" of the pixel MSE to the nearest subject photo (both at the
+    training resolution, in [-1, 1]). The photos are the reference, not anything computed by training code."""
+    import numpy as np
     from diffusers import StableDiffusionPipeline
 
-    from dreambench.data.latents import encode_latent_dist, preprocess
+    from dreambench.data.latents import preprocess
     from dreambench.sampling import generate, make_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
     pipe.scheduler = make_scheduler("DDIMScheduler", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     guidance = dict(num_inference_steps=20, guidance_scale=1.0, height=32, width=32)
-    z = torch.stack(generate(pipe, ["a sks toy"] * 4, [0, 1, 2, 3], guidance, progress=False, output_type="latent"))
-    pixels = torch.stack([preprocess(Image.open(p).convert("RGB"), 32) for p in sorted(subject.iterdir())])
-    ref, _ = encode_latent_dist(pipe.vae, pixels)  # the real scale, whatever training used
-    zf, rf = z.flatten(1), ref.flatten(1)
-    cos = (F.normalize(zf, dim=1) @ F.normalize(rf, dim=1).T).max(1).values.mean().item()
-    scale = (zf.norm(dim=1) / rf.norm(dim=1).mean()).mean().item()
-    with torch.no_grad():
-        k = pipe.vae.config.scaling_factor
-        img, ref_img = pipe.vae.decode(z / k).sample.clamp(-1, 1), pipe.vae.decode(ref / k).sample.clamp(-1, 1)
-    pix = torch.cdist(img.flatten(1), ref_img.flatten(1)).pow(2).div(img[0].numel()).min(1).values.mean().item()
-    return {"cos": cos, "scale": scale, "pixel_mse": pix}
+    images = generate(pipe, ["a sks toy"] * 4, [0, 1, 2, 3], guidance, progress=False)
+    gen = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
+    photos = torch.stack([preprocess(Image.open(p).convert("RGB"), 32) for p in sorted(subject.iterdir())])
+    return (torch.cdist(gen.flatten(1), photos.flatten(1)) ** 2 / gen[0].numel()).min(1).values.mean().item()
 
 
-def _learned(c: dict[str, float], untrained: dict[str, float]) -> bool:
-    # Direction clearly towards the subject, the right magnitude, and decoded images closer than before.
-    return c["cos"] > 0.2 and 0.5 < c["scale"] < 2.0 and c["pixel_mse"] < 0.9 * untrained["pixel_mse"]
+def _learned(d: float, untrained: float) -> bool:
+    # Measured on a 2-core EPYC, torch 2.13: untrained 0.79, trained 0.50 (a red blob on cyan, see the run's
+    # samples), wrong latent scale 0.60, wrong target 1.10.
+    return d < 0.7 * untrained
 
 
 @pytest.fixture(scope="module")
 def untrained(subject, tiny_model_dir):
-    return _closeness(tiny_model_dir, subject)
-
-
-def test_untrained_model_does_not_pass_the_check(untrained):
-    assert not _learned(untrained, untrained)
+    return _distance(tiny_model_dir, subject)
 
 
 def test_trained_model_generates_the_subject(subject, untrained, tmp_path):
-    c = _closeness(_train(subject, tmp_path / "run"), subject)
-    assert _learned(c, untrained), (c, untrained)
+    d = _distance(_train(subject, tmp_path / "run"), subject)
+    assert _learned(d, untrained), (d, untrained)
 
 
 def test_wrong_latent_scale_fails_the_check(subject, untrained, tmp_path, monkeypatch):
     import dreambench.data.latents as latents
     monkeypatch.setattr(latents, "latent_scale", lambda vae: 1.0)  # the bug: latents not scaled to unit variance
-    c = _closeness(_train(subject, tmp_path / "run"), subject)
-    assert not _learned(c, untrained), c
+    d = _distance(_train(subject, tmp_path / "run"), subject)
+    assert not _learned(d, untrained), (d, untrained)
 
 
 def test_wrong_target_fails_the_check(subject, untrained, tmp_path, monkeypatch):
     import dreambench.losses as losses
     # the bug: regress the clean latents while the scheduler samples as an epsilon model
     monkeypatch.setattr(losses, "diffusion_target", lambda pt, latents, noise, t, ac: latents)
-    c = _closeness(_train(subject, tmp_path / "run"), subject)
-    assert not _learned(c, untrained), c
+    d = _distance(_train(subject, tmp_path / "run"), subject)
+    assert not _learned(d, untrained), (d, untrained)
