@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from dreambench.utils.io import _fsync_dir, _tmp_sibling, safe_rmtree
+from dreambench.utils.io import atomic_write, safe_rmtree
 
 log = logging.getLogger("dreambench")
 
@@ -128,20 +128,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(path, hidden=True)
-        try:
-            # Stream to the file (no second in-memory copy of a multi-GB checkpoint), then make it durable.
-            with open(tmp, "xb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        # Streamed to the file (no second in-memory copy of a multi-GB checkpoint), fsynced, renamed.
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
         if self.keep is not None and checkpoint_step(path) is not None:
             prune_checkpoints(path.parent, self.keep)
 

@@ -16,8 +16,9 @@ import numbers
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _tmp_sibling(path: Path, hidden: bool) -> Path:
@@ -37,7 +38,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` streams into a hidden temporary beside `path`, which is fsynced and renamed over `path`;
+    on any error the temporary goes and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Hidden name, so globs over the folder (samples/*.png, a reader polling metrics*) never see it.
@@ -47,7 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         # (mkstemp's 0o600 would make exported models unreadable for a shared group).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
@@ -58,6 +61,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
