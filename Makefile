@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install dreambench (torch pinned, no torchvision)
 
-demo: $(STAMP) ## train the dog experiment on the tiny model (CPU, about a minute) and print the run folder
+demo: $(STAMP) ## train the dog experiment on the tiny model (CPU, a few minutes) and print the run folder
 	$(BIN)/python -m dreambench.train +experiment=dog model=tiny +preset=smoke
 
 test: $(STAMP) ## the test suite (CPU; includes the slower end-to-end tests)
