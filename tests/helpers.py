@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,15 @@ def compose(overrides: list[str], config_name: str = "train"):
 def run_cli(module: str, args: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with `n` intra-op threads, restoring the count afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

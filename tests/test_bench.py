@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, compose
+from helpers import REPO, compose, torch_threads
 
 sys.path.insert(0, str(REPO))  # `bench` is a top-level folder of the repository, not an installed package
 
@@ -21,10 +21,8 @@ sys.path.insert(0, str(REPO))  # `bench` is a top-level folder of the repository
 def one_thread():
     # Tiny models on a small shared machine: OpenMP's spinning threads make 2-thread steps 10-20x slower
     # whenever the other test worker is busy; one thread per worker is faster and restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from helpers import compose
+from helpers import compose, torch_threads
 
 STEPS = 600
 pytestmark = pytest.mark.slow
@@ -76,10 +76,8 @@ def _learned(c: dict[str, float], untrained: dict[str, float]) -> bool:
 @pytest.fixture(autouse=True)
 def _two_threads():
     # The margins above were measured with two intra-op threads; other tests may have changed the count.
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture(scope="module")
