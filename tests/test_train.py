@@ -76,6 +76,18 @@ def test_cli_run_with_wandb_offline(tmp_path):
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert _reload_and_generate(run / "model").size == (32, 32)
 
+    # dreambench.generate samples the run's model/ with the guidance group; {identifier} comes from the run
+    g = run_cli("dreambench.generate", [f"run={run}", "num_images=2", "guidance.num_inference_steps=2",
+                                        'prompts=["a {identifier} {class_noun} on the beach"]', "progress=false",
+                                        f"out={tmp_path / 'gen'}"])
+    assert g.returncode == 0, g.stderr[-3000:]
+    prompts = json.loads((tmp_path / "gen" / "prompts.json").read_text())
+    assert [p["prompt"] for p in prompts] == ["a sks dog on the beach"] * 2 and [p["seed"] for p in prompts] == [0, 1]
+    assert Image.open(tmp_path / "gen" / prompts[0]["file"]).size == (32, 32)
+    assert (tmp_path / "gen" / "grid.png").is_file()
+    bad = run_cli("dreambench.generate", [f"run={tmp_path}"])
+    assert bad.returncode == 2 and "no model/ folder" in bad.stderr
+
 
 def _bad_images(folder: Path) -> Path:
     folder.mkdir()
