@@ -1,5 +1,11 @@
 """The learning test: the tiny model, trained on a synthetic subject (a rust disc on slate), must generate what
-it was shown — and the same run with a wrong latent scale or a wrong regression target must not."""
+it was shown — and the same run with a wrong regression target must not.
+
+Not here: a wrong *latent scale* negative control. At this size and CPU budget the scale of the generated
+latents does not follow the scale of the training latents (correct: 1.24x the photos' latents; factor applied
+twice: 0.86x; factor forgotten: 1.2-2.0x), and the decoder's GroupNorm normalises most of what remains, so the
+decoded images of such runs pass this check by chance or not at all. The scale itself is pinned by
+tests/test_latents.py (cached latents are the VAE mean times the declared scaling factor)."""
 
 from __future__ import annotations
 
@@ -68,8 +74,7 @@ def _closeness(model_dir: Path, subject: Path) -> dict[str, float]:
 
 def _learned(c: dict[str, float], untrained: dict[str, float]) -> bool:
     # Measured on a 2-core EPYC, torch 2.13, 600 steps (pixel as a fraction of the untrained model's / scale):
-    # trained 0.53 / 0.84; wrong latent scale 0.82 / 1.22 (the decoder's GroupNorm hides much of a scale
-    # error, so the images stay subject-like but blurred); wrong target 1.17 / 14.9; untrained 1 / 11.5.
+    # trained 0.30 / 1.24; wrong target 1.34 / 20.2; untrained 1 / 18.4.
     return c["pixel"] < 0.65 * untrained["pixel"] and 0.5 < c["scale"] < 2.0
 
 
@@ -88,13 +93,6 @@ def untrained(subject, tiny_model_dir):
 def test_trained_model_generates_the_subject(subject, untrained, tmp_path):
     c = _closeness(_train(subject, tmp_path / "run"), subject)
     assert _learned(c, untrained), (c, untrained)
-
-
-def test_wrong_latent_scale_fails_the_check(subject, untrained, tmp_path, monkeypatch):
-    import dreambench.data.latents as latents
-    monkeypatch.setattr(latents, "latent_scale", lambda vae: 1.0)  # the bug: latents not scaled to unit variance
-    c = _closeness(_train(subject, tmp_path / "run"), subject)
-    assert not _learned(c, untrained), (c, untrained)
 
 
 def test_wrong_target_fails_the_check(subject, untrained, tmp_path, monkeypatch):
