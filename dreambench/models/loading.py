@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +111,3 @@ def describe(components: Components) -> str:
     n = sum(p.numel() for p in components.unet.parameters())
     return (f"UNet {n / 1e6:.1f} M params, prediction {components.noise_scheduler.config.prediction_type}, "
             f"latent scale {components.vae.config.scaling_factor}")
-
-
-def json_identity(ident: dict[str, Any]) -> str:
-    return json.dumps(ident, sort_keys=True)
