@@ -65,6 +65,19 @@ def skipped(case: str, variant: str, reason: str, what: str = "") -> dict[str, A
     return {"case": case, "variant": variant, "unit": "", "what": what, "skipped": reason}
 
 
+def _with_syncs_and_peak(out: dict[str, Any], s: Settings, counter: Any, caught: list, cuda_debug: bool,
+                         memory: bool) -> dict[str, Any]:
+    """Adds host syncs per timed step (and CUDA ones, from the sync-debug warnings) and peak GPU memory."""
+    if counter is not None:
+        out["syncs_per_step"] = counter.count / s.steps
+        out["sync_sites"] = counter.where
+        if cuda_debug:
+            out["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / s.steps
+    if memory and s.cuda:
+        out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
 # ---- one measurement each ---------------------------------------------------------------------------------------
 def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, sync_count: bool = False,
                      memory: bool = False) -> dict[str, Any]:
@@ -94,14 +107,7 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
         metrics = train(cfg)
     out = {"steps_per_s": clock.steps_per_s(s.warmup), "steps_per_cpu_s": clock.steps_per_cpu_s(s.warmup),
            "memory_plan": metrics.get("memory_plan")}
-    if counter is not None:
-        out["syncs_per_step"] = counter.count / s.steps
-        out["sync_sites"] = counter.where
-        if cuda_debug:
-            out["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / s.steps
-    if memory and s.cuda:
-        out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return out
+    return _with_syncs_and_peak(out, s, counter, caught, cuda_debug, memory)
 
 
 def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_step: bool, fused: bool | None,
@@ -136,13 +142,7 @@ def reference_steps(s: Settings, model_ref: str, resolution: int, encode_every_s
             torch.cuda.synchronize()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
     out = {"steps_per_s": s.steps / dt, "steps_per_cpu_s": s.steps / dc}
-    if sync_count:
-        out["syncs_per_step"] = counter.count / s.steps
-        out["sync_sites"] = counter.where
-        if cuda_debug:
-            out["cuda_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / s.steps
-    if memory and s.cuda:
-        out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    _with_syncs_and_peak(out, s, counter if sync_count else None, caught, cuda_debug, memory)
     del loop, comps
     return out
 
