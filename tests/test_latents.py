@@ -1,5 +1,6 @@
-"""The latent scale, pinned where the learning test cannot see it: cached latents are the VAE's mean times the
-model's declared scaling factor (SD's 0.18215, which the tiny model shares), and steps draw every image."""
+"""The latent scale, pinned directly (the learning test's scale controls see it only through a whole training run):
+cached latents are the VAE's mean times the model's declared scaling factor (SD's 0.18215, which the tiny model
+shares), and steps draw every image."""
 
 from __future__ import annotations
 
