@@ -4,9 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch first, pinned: 2.13.0 is the local CPU build on the project's machines; a bare or open-ended torch
-# requirement would fetch the newest CUDA build (several GB). Set TORCH=... for another build.
-TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# requirements/lock.txt: every package .venv gets, exact versions with hashes, resolved by uv from
+# pyproject.toml's ranges (`make lock`). torch in it is 2.13.0+cpu, the CPU build on the project's machines.
+LOCK := requirements/lock.txt
+# TORCH=<requirement>: replace the locked torch by another build after the locked install (e.g. a CUDA build:
+# TORCH=torch==2.13.0 PIP_EXTRA_INDEX_URL=<a PyTorch CUDA index>); `make test` then leaves torch out of its
+# comparison of .venv with the lock.
+TORCH ?=
+# LATEST=1: the newest versions pyproject.toml allows instead of the lock (what install-latest/test-latest use).
+LATEST ?=
+# Where uv finds torch's CPU build for `make lock` (on the project's machines; elsewhere pass
+# UV_ARGS='--extra-index-url <the PyTorch CPU index>'). UPGRADE=1: newest allowed versions, not the fewest changes.
+TORCH_LINKS ?= $(wildcard /opt/wheels)
+UV_ARGS ?=
+UPGRADE ?=
 PYTEST_ARGS ?=
 
 # The DreamBench data set: ../shared/dreambench-dataset when it exists, unless DREAMBENCH_DATA is set.
@@ -18,27 +30,74 @@ endif
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint clean-runs
+.PHONY: help install install-latest lock lock-check postgres demo test test-fast test-latest clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
+ifeq ($(LATEST),)
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(if $(TORCH),$(PIP) install -q "$(TORCH)")
+	touch $(STAMP)
+else
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,cluster]"
+	$(PIP) install -q --upgrade --upgrade-strategy eager -r requirements/tools.in -e ".[dev,cluster]" \
+	  $(if $(TORCH),"$(TORCH)",-c requirements/constraints.txt)
 	touch $(STAMP)
+endif
 
-install: $(STAMP) ## create .venv and install dreambench (torch pinned, no torchvision)
+install: $(STAMP) ## create .venv and install exactly requirements/lock.txt (torch: the CPU build; no torchvision)
+
+install-latest: ## .venv-latest: the newest versions pyproject.toml allows, not the lock
+	$(MAKE) install VENV=.venv-latest LATEST=1
+	@$(MAKE) --no-print-directory lock-diff VENV=.venv-latest LATEST=1
+
+lock: $(STAMP) ## regenerate requirements/lock.txt from pyproject.toml with uv (UPGRADE=1: newest allowed versions)
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra cluster \
+	  --constraint requirements/constraints.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  $(addprefix --find-links ,$(TORCH_LINKS)) $(UV_ARGS) $(if $(UPGRADE),--upgrade) --generate-hashes \
+	  --custom-compile-command "make lock" --quiet -o $(LOCK)
+	$(BIN)/python requirements/lock.py stamp
+
+lock-check: $(STAMP) ## the lock matches pyproject.toml, and .venv holds exactly the locked versions
+	$(BIN)/python requirements/lock.py check
+	$(BIN)/python requirements/lock.py env $(if $(TORCH),--allow torch)
+
+.PHONY: lock-diff
+lock-diff:
+	@$(BIN)/python requirements/lock.py env --report
+
+# Debian's PostgreSQL server for tests/test_sweep_storage.py (the test starts its own throw-away cluster).
+postgres: ## install Debian's PostgreSQL server for the tests when it is missing (as root; a warning otherwise)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's postgresql package (tests/test_sweep_storage.py needs its server)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+	      || echo "make: could not install postgresql; the tests marked postgres will fail" >&2; \
+	  else \
+	    echo "make: PostgreSQL's server is missing and this is not root: the tests marked postgres will fail" \
+	      "(sudo apt-get install postgresql, or PYTEST_ARGS='-m \"not postgres\"')" >&2; \
+	  fi; }
 
 demo: $(STAMP) ## train the dog experiment on the tiny model (CPU, a few minutes) and print the run folder
 	$(BIN)/python -m dreambench.train +experiment=dog model=tiny +preset=smoke
 
-test: $(STAMP) ## the test suite (CPU; includes the slower end-to-end tests)
+# On the lock (not LATEST=1): first check that requirements/lock.txt is pyproject.toml's and .venv is that lock.
+TEST_CHECK := $(if $(LATEST),,lock-check)
+
+test: $(STAMP) postgres $(TEST_CHECK) ## the test suite (CPU; includes the slower end-to-end tests), on the lock
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## the test suite without tests marked slow
+test-fast: $(STAMP) postgres $(TEST_CHECK) ## the test suite without tests marked slow
 	$(BIN)/python -m pytest -n 2 -q -m "not slow" $(PYTEST_ARGS)
+
+test-latest: ## the test suite on the newest versions pyproject.toml allows (.venv-latest), not the lock
+	$(MAKE) install-latest
+	$(MAKE) test VENV=.venv-latest LATEST=1
 
 clean-runs: ## remove the run folders under experiments/ (keeps the recipes)
 	find experiments -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
