@@ -78,8 +78,14 @@ def run_toy(conf: Path, *overrides: str, timeout: float = 300) -> subprocess.Com
                timeout=timeout)
 
 
-def popen_toy(conf: Path, *overrides: str) -> subprocess.Popen:
+def popen_toy(conf: Path, *overrides: str, barrier: tuple[Path, int] | None = None) -> subprocess.Popen:
+    """A toy sweep worker. `barrier=(folder, n)`: the worker imports everything, then waits until n workers have
+    checked in at `folder` before Hydra starts, so the workers reach the storage at the same instant rather than
+    a start-up time apart."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    if barrier is not None:
+        barrier[0].mkdir(parents=True, exist_ok=True)
+        env["TOY_BARRIER"] = f"{barrier[0]}{os.pathsep}{barrier[1]}"
     return subprocess.Popen([sys.executable, "-m", "sweep_helpers", "--config-dir", str(conf), "--config-name",
                              "toy", "-m", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -106,10 +112,29 @@ def _toy_main() -> None:
         (out / "metrics.json").write_text(json.dumps({"y": y, "pid": os.getpid()}))
         return y
 
+    if "TOY_BARRIER" in os.environ:
+        import psycopg  # noqa: F401 - imported before the barrier, like everything the sweeper opens storage with
+        import sqlalchemy  # noqa: F401
+
+        import dreambench.sweep.sweeper  # noqa: F401
+        folder, n = os.environ["TOY_BARRIER"].rsplit(os.pathsep, 1)
+        (Path(folder) / str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+            time.sleep(0.005)
     toy()
 
 
 # ---- a real PostgreSQL server ------------------------------------------------------------------------
+def createdb(url: str, name: str) -> str:
+    """Create the empty database `name` on the server of `url`; its URL."""
+    from sqlalchemy.engine import make_url
+    u = make_url(url)
+    subprocess.run([_pg_bin("createdb"), "-h", u.host, "-p", str(u.port), "-U", u.username, name], check=True,
+                   capture_output=True, text=True)
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
 def _pg_bin(name: str) -> str:
     found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if found:
@@ -128,7 +153,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def postgres_server():
-    """A throw-away PostgreSQL cluster on a free localhost port; yields a SQLAlchemy URL (psycopg 3)."""
+    """A throw-away PostgreSQL cluster on a free localhost port; yields a SQLAlchemy URL (psycopg 3) of its empty
+    database `optuna`. `createdb(url, name)` makes another empty database on the same server."""
     as_user: list[str] = []
     data = Path(tempfile.mkdtemp(prefix="dreambench-pg-"))
     if os.geteuid() == 0:  # the server refuses to run as root
@@ -141,9 +167,9 @@ def postgres_server():
         subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w",
                         "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
                        check=True, capture_output=True, text=True)
-        subprocess.run([*as_user, _pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                        "optuna"], check=True, capture_output=True, text=True)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/optuna"
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/optuna"
+        createdb(url, "optuna")
+        yield url
     finally:
         subprocess.run([*as_user, _pg_bin("pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
                        capture_output=True)

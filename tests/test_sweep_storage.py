@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from sweep_helpers import journal_study, popen_toy, postgres_server, run_toy, toy_config
+from sweep_helpers import createdb, journal_study, popen_toy, postgres_server, run_toy, toy_config
 
 from dreambench.sweep.objective import Objective, ObjectiveError, pick
 from dreambench.sweep.space import parse
@@ -60,31 +60,43 @@ def _assert_exact_study(sweep: Path, study, n: int) -> None:
         assert json.loads((sweep / f"trial_{t.number}" / "metrics.json").read_text())["y"] == t.value
 
 
-def _two_workers(conf: Path) -> list[str]:
-    procs = [popen_toy(conf, f"seed={s}") for s in (1, 2)]
+def _workers(conf: Path, n: int, barrier: Path) -> list[str]:
+    """n sweep workers on one study, reaching its storage at the same instant; all must finish cleanly."""
+    procs = [popen_toy(conf, f"seed={s}", barrier=(barrier, n)) for s in range(1, n + 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     return outs
 
 
-def test_two_workers_share_a_journal_file(tmp_path):
-    conf = toy_config(tmp_path, n_trials=6, sleep_s=0.5)
-    _two_workers(conf)
-    study = journal_study(tmp_path / "sweep" / "study.journal", "toy")
-    _assert_exact_study(tmp_path / "sweep", study, 6)
-    surplus = [t for t in study.trials if t.system_attrs.get(SURPLUS)]
-    assert all(t.state == TrialState.FAIL for t in surplus)
+# Workers started together on an empty storage all create its schema and study at once: on PostgreSQL that
+# raced to `DuplicateObject: type "studydirection" already exists` in one of them. Four workers, a fresh
+# storage each time, a few times over.
+RACES = 3
+
+
+def test_workers_started_together_share_a_fresh_journal_file(tmp_path):
+    for i in range(RACES):
+        conf = toy_config(tmp_path / f"race{i}", n_trials=6, sleep_s=0.2)
+        _workers(conf, 4, tmp_path / f"barrier{i}")
+        sweep = tmp_path / f"race{i}" / "sweep"
+        study = journal_study(sweep / "study.journal", "toy")
+        _assert_exact_study(sweep, study, 6)
+        surplus = [t for t in study.trials if t.system_attrs.get(SURPLUS)]
+        assert all(t.state == TrialState.FAIL for t in surplus)
 
 
 @pytest.mark.postgres
-def test_two_workers_share_postgresql(tmp_path):
-    with postgres_server() as url:
-        conf = toy_config(tmp_path, n_trials=6, storage=url, sleep_s=0.5)
-        _two_workers(conf)
-        study = optuna.load_study(study_name="toy", storage=url)
-        _assert_exact_study(tmp_path / "sweep", study, 6)
-        assert not (tmp_path / "sweep" / "study.journal").exists()  # the URL was used, not the default file
+def test_workers_started_together_share_a_fresh_postgresql_database(tmp_path):
+    with postgres_server() as server:
+        for i in range(RACES):
+            url = createdb(server, f"race{i}")  # empty: no Optuna tables, no types yet
+            conf = toy_config(tmp_path / f"race{i}", n_trials=6, storage=url, sleep_s=0.2)
+            _workers(conf, 4, tmp_path / f"barrier{i}")
+            sweep = tmp_path / f"race{i}" / "sweep"
+            study = optuna.load_study(study_name="toy", storage=url)
+            _assert_exact_study(sweep, study, 6)
+            assert not (sweep / "study.journal").exists()  # the URL was used, not the default file
         # A re-run with the same target adds nothing.
         r = run_toy(conf)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -13,6 +13,7 @@ are enqueued again (a retry). Trials with no stamp (asked by something else) are
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -41,24 +42,62 @@ def storage_url(storage: str | None, sweep_dir: str | Path) -> str:
     return s if "://" in s else str(Path(s).expanduser().resolve())
 
 
+# PostgreSQL advisory-lock key under which workers create Optuna's schema one at a time (any fixed 64-bit value).
+SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"dreambench:optuna-schema").digest()[:8], "big", signed=True)
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" in url:
-        import random
-
-        import sqlalchemy.exc
-        for attempt in range(5):
-            try:
-                # pool_pre_ping: a cluster job may hold a connection across a database restart.
-                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-            except sqlalchemy.exc.IntegrityError:
-                # Workers started together on an empty database race to create Optuna's tables (seen with
-                # PostgreSQL: "duplicate key ... pg_type_typname_nsp_index"); the loser finds them made on retry.
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 + random.random())
+        return _open_rdb(url)
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     Path(url).parent.mkdir(parents=True, exist_ok=True)
+    # The journal serialises its appends with a file lock, and create_study(load_if_exists=True) settles two
+    # workers creating one study: workers started together on a fresh file need nothing more.
     return JournalStorage(JournalFileBackend(url))
+
+
+def _open_rdb(url: str) -> optuna.storages.RDBStorage:
+    """RDBStorage, its schema created by one worker at a time.
+
+    Optuna creates its tables, the `studydirection` enum type and its version rows on first use, with no lock:
+    workers started together on an empty PostgreSQL database race, and the losers fail with DuplicateTable /
+    DuplicateObject / a unique violation. On PostgreSQL a session-level advisory lock, held on a connection of
+    its own while the storage is built, makes the others wait and then find the schema made. Other databases
+    (MySQL, SQLite) retry instead.
+    """
+    import random
+
+    import sqlalchemy
+    import sqlalchemy.exc
+    from sqlalchemy.pool import NullPool
+
+    def build() -> optuna.storages.RDBStorage:
+        # pool_pre_ping: a cluster job may hold a connection across a database restart.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+    if sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:  # the lock goes with this connection, also if the process dies
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                try:
+                    return build()
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        finally:
+            engine.dispose()
+    attempt = 0
+    while True:
+        try:
+            return build()
+        except sqlalchemy.exc.DBAPIError as e:
+            # Lost the race to create a table, type or row (SQLite says "already exists" as an OperationalError):
+            # the next try finds it made. Anything else (no server, no database) is raised at once.
+            lost = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e.orig)
+            if not lost or attempt == 4:
+                raise
+            attempt += 1
+            time.sleep(0.2 + random.random())
 
 
 def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
