@@ -70,6 +70,7 @@ def prepare(cfg: DictConfig) -> Plan:
                                                policy_key="data.on_bad_image")
         prior = instantiate(cfg.prior)
         prior.check(res)
+        check_exports(cfg)
         ref = resolve_model_ref(cfg.model)
         check_model_ref(ref, cfg.model.revision)
         # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
@@ -79,6 +80,19 @@ def prepare(cfg: DictConfig) -> Plan:
     except KeyError as e:  # unknown subject
         raise UserError(e.args[0]) from None
     return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
+
+
+def check_exports(cfg: DictConfig) -> None:
+    """train.export names formats that exist and apply to the method, before any model loads."""
+    from hydra.utils import get_class
+
+    from dreambench.exporters import choose_formats
+
+    formats = list(cfg.train.get("export") or [])
+    if formats:
+        choose_formats(formats, get_class(cfg.method._target_).name)
+    if formats and formats != ["diffusers"] and not cfg.train.export_model:
+        raise UserError(f"train.export={formats} needs train.export_model=true (the exports are made from model/)")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -182,6 +196,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "run_dir": str(run_dir),
             }
             atomic_write_json(run_dir / "metrics.json", metrics)
+            if cfg.train.export_model:  # formats beyond model/ read the run folder just written
+                from dreambench.exporters import export_run
+                export_run(run_dir, [f for f in cfg.train.export if f != "diffusers"])
+            from dreambench.card import write_card
+            write_card(run_dir)
             for lg in loggers:
                 lg.log_metrics({f"final/{k}": v for k, v in cm.items()}, step=int(trainer.global_step))
         return metrics
