@@ -39,11 +39,11 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def upload(run: Path, files: list[str], repo_id: str, private: bool, message: str) -> str:
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi()  # token: HF_TOKEN or the stored login, resolved inside huggingface_hub
-    if not api.token:
+    api = HfApi()  # token: HF_TOKEN or the stored login, resolved inside huggingface_hub at each call
+    if not get_token():
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (dry_run=true needs none)")
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -63,6 +63,7 @@ class ModelSchema:
     allow_pickle: bool = False
     build_tiny: bool = False
     license: str | None = None
+    single_file_config: str | None = None
     vae_fp32: Any = "auto"
 
 

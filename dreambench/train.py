@@ -45,7 +45,7 @@ def prepare(cfg: DictConfig) -> Plan:
     from dreambench.data import dreambench as db
     from dreambench.data.images import BadImageError, validate_image_folder
     from dreambench.memory import plan_for
-    from dreambench.models.loading import ModelNotFoundError, check_model_ref, resolve_model_ref
+    from dreambench.models.loading import ModelNotFoundError, check_model_ref, config_source, resolve_model_ref
 
     from dreambench.resilience import resolve_resume
     from dreambench.resilience.runs import run_dir_for_this_rank
@@ -72,9 +72,10 @@ def prepare(cfg: DictConfig) -> Plan:
         prior.check(res)
         check_exports(cfg)
         ref = resolve_model_ref(cfg.model)
-        check_model_ref(ref, cfg.model.revision)
+        single_file_config = cfg.model.get("single_file_config")
+        check_model_ref(ref, cfg.model.revision, single_file_config)
         # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
-        memory = plan_for(cfg, ref, instantiate(cfg.method))
+        memory = plan_for(cfg, config_source(ref, single_file_config), instantiate(cfg.method))
     except (db.DatasetNotFoundError, BadImageError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     except KeyError as e:  # unknown subject
@@ -120,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     comps = load_components(plan.model_ref, cfg.model.revision, cfg.model.variant, bool(cfg.model.allow_pickle),
-                            cfg.model.prediction_type)
+                            cfg.model.prediction_type, cfg.model.get("single_file_config"))
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
     method = instantiate(cfg.method)
