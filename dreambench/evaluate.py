@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from dreambench.card import write_card
 from dreambench.data import dreambench as db
 from dreambench.metrics.functional import bootstrap_ci, clip_t_text
 from dreambench.metrics.scorer import (UNAVAILABLE, EvalInputError, ImageSet, Item, MetricSet, Scorer, build_scorer,
@@ -427,6 +428,7 @@ def evaluate_runs(cfg: DictConfig, scorer: Scorer, root: Path) -> dict:
         ms, records, per_prompt, real = score_sets(sets, scorer, subjects, cfg.eval.progress)
         results[str(run)] = write_outputs(run, "run", ms, records, per_prompt, scorer, cfg, root,
                                           generation=manifest.get("generation"), real=real)
+        write_card(run)  # the model card carries the scores just computed
         combined.merge(ms)
         all_records += [{"run": str(run), **r} for r in records]
         all_prompts += [{"run": str(run), **p} for p in per_prompt]

@@ -62,6 +62,8 @@ class ModelSchema:
     attention: str = "sdpa"
     allow_pickle: bool = False
     build_tiny: bool = False
+    license: str | None = None
+    single_file_config: str | None = None
     vae_fp32: Any = "auto"
 
 
@@ -74,6 +76,7 @@ class TrainSchema:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     export_model: bool = True
+    export: list[str] = field(default_factory=lambda: ["diffusers"])
     on_nonfinite: str = "stop"
 
 

@@ -45,7 +45,7 @@ def prepare(cfg: DictConfig) -> Plan:
     from dreambench.data import dreambench as db
     from dreambench.data.images import BadImageError, validate_image_folder
     from dreambench.memory import plan_for
-    from dreambench.models.loading import ModelNotFoundError, check_model_ref, resolve_model_ref
+    from dreambench.models.loading import ModelNotFoundError, check_model_ref, config_source, resolve_model_ref
 
     from dreambench.resilience import resolve_resume
     from dreambench.resilience.runs import run_dir_for_this_rank
@@ -70,15 +70,30 @@ def prepare(cfg: DictConfig) -> Plan:
                                                policy_key="data.on_bad_image")
         prior = instantiate(cfg.prior)
         prior.check(res)
+        check_exports(cfg)
         ref = resolve_model_ref(cfg.model)
-        check_model_ref(ref, cfg.model.revision)
+        single_file_config = cfg.model.get("single_file_config")
+        check_model_ref(ref, cfg.model.revision, single_file_config)
         # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
-        memory = plan_for(cfg, ref, instantiate(cfg.method))
+        memory = plan_for(cfg, config_source(ref, single_file_config), instantiate(cfg.method))
     except (db.DatasetNotFoundError, BadImageError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     except KeyError as e:  # unknown subject
         raise UserError(e.args[0]) from None
     return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
+
+
+def check_exports(cfg: DictConfig) -> None:
+    """train.export names formats that exist and apply to the method, before any model loads."""
+    from hydra.utils import get_class
+
+    from dreambench.exporters import choose_formats
+
+    formats = list(cfg.train.get("export") or [])
+    if formats:
+        choose_formats(formats, get_class(cfg.method._target_).name)
+    if formats and formats != ["diffusers"] and not cfg.train.export_model:
+        raise UserError(f"train.export={formats} needs train.export_model=true (the exports are made from model/)")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -106,7 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     comps = load_components(plan.model_ref, cfg.model.revision, cfg.model.variant, bool(cfg.model.allow_pickle),
-                            cfg.model.prediction_type)
+                            cfg.model.prediction_type, cfg.model.get("single_file_config"))
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
     method = instantiate(cfg.method)
@@ -182,6 +197,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "run_dir": str(run_dir),
             }
             atomic_write_json(run_dir / "metrics.json", metrics)
+            if cfg.train.export_model:  # formats beyond model/ read the run folder just written
+                from dreambench.exporters import export_run
+                export_run(run_dir, [f for f in cfg.train.export if f != "diffusers"])
+            from dreambench.card import write_card
+            write_card(run_dir)
             for lg in loggers:
                 lg.log_metrics({f"final/{k}": v for k, v in cm.items()}, step=int(trainer.global_step))
         return metrics

@@ -243,6 +243,9 @@ def test_run_mode_end_to_end_on_a_tiny_fake_run(env, tmp_path):
     assert {r["seed"] for r in rows} == {"0", "1", "1000", "1001", "1000000", "1000001"}
     assert rows[0]["clip_t_text"] == "a dog in the jungle"
     assert res["summary"]["eval/dino"] == m["summary"]["eval/dino"]
+    from huggingface_hub import ModelCard  # evaluate rewrites the run's model card with these scores
+    card = {r.metric_type: r.metric_value for r in ModelCard.load(run / "README.md").data.eval_results}
+    assert card["dino"] == pytest.approx(m["summary"]["eval/dino"], abs=1e-6) and set(card) >= {"clip_i", "clip_t"}
 
     # Fixed seeds: a second evaluation reuses the images; regenerating gives the same pixels and numbers.
     before = (images / "00_1.png").stat().st_mtime_ns

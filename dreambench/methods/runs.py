@@ -19,7 +19,7 @@ def write_method_json(folder: Path, run_cfg: DictConfig, info: dict[str, Any]) -
     m = run_cfg.model
     base = {
         k: OmegaConf.select(m, k)
-        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny")
+        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny", "single_file_config")
     }
     atomic_write_json(Path(folder) / METHOD_FILE, {**info, "base_model": base})
 
@@ -32,18 +32,21 @@ def read_method_json(model_dir: Path) -> dict[str, Any] | None:
 def load_base_pipeline(base: dict[str, Any]):
     from diffusers import StableDiffusionPipeline
 
-    from dreambench.models.loading import resolve_model_ref
+    from dreambench.models.loading import is_single_file, load_single_file_pipeline, resolve_model_ref
 
     # model=tiny is rebuilt (seeded, identical) where its cache folder is gone.
     ref = resolve_model_ref(OmegaConf.create(base))
-    pipe = StableDiffusionPipeline.from_pretrained(
-        ref,
-        revision=base.get("revision"),
-        variant=base.get("variant"),
-        use_safetensors=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    if is_single_file(ref):  # trained on a single-file base model (model.pretrained=<file>.safetensors)
+        pipe = load_single_file_pipeline(ref, base.get("single_file_config"))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            ref,
+            revision=base.get("revision"),
+            variant=base.get("variant"),
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
     if base.get("prediction_type"):  # as in training (e.g. sd21 768 px is v-prediction)
         pipe.scheduler = pipe.scheduler.__class__.from_config(
             pipe.scheduler.config, prediction_type=base["prediction_type"]

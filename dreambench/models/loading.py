@@ -33,10 +33,49 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
 
 
-def check_model_ref(ref: str, revision: str | None = None) -> None:
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # one-file checkpoints in the original (CompVis) layout
+
+
+def is_single_file(ref: str) -> bool:
+    return str(ref).endswith(SINGLE_FILE_SUFFIXES)
+
+
+def config_source(ref: str, single_file_config: str | None) -> str:
+    """Where the model's configs (unet/, vae/, text_encoder/, tokenizer/) are: the model itself, or for a
+    single-file checkpoint the folder or hub id given with it."""
+    return (single_file_config or ref) if is_single_file(ref) else ref
+
+
+def load_single_file_pipeline(ref: str, single_file_config: str | None = None, allow_pickle: bool = False):
+    """A single-file checkpoint through diffusers' `from_single_file`. With `single_file_config` (a local
+    diffusers folder) nothing is fetched: without it diffusers infers the model type from the keys and fetches
+    that type's configs from the Hub (or its local cache), which fails offline."""
+    from diffusers import StableDiffusionPipeline
+
+    if ref.endswith(".ckpt") and not allow_pickle:
+        raise ModelNotFoundError(f"model.pretrained={ref}: a .ckpt is a pickle file that can run code; use a "
+                                 f".safetensors checkpoint or model.allow_pickle=true for a file you trust")
+    kw = {"config": str(Path(single_file_config).expanduser()) if _looks_local(single_file_config)
+          else single_file_config} if single_file_config else {}
+    try:
+        return StableDiffusionPipeline.from_single_file(str(Path(ref).expanduser()), safety_checker=None,
+                                                        requires_safety_checker=False, **kw)
+    except (OSError, ValueError, EnvironmentError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ModelNotFoundError(f"could not load single-file model {ref}: {msg} (model.single_file_config=<a "
+                                 f"diffusers folder of the same architecture> gives diffusers its configs)") from None
+
+
+def check_model_ref(ref: str, revision: str | None = None, single_file_config: str | None = None) -> None:
     """Fail fast, before anything heavy is loaded, on a model that is not there."""
     if not ref:
         raise ModelNotFoundError("model.pretrained is empty: give a hub id or a local diffusers folder")
+    if is_single_file(ref):
+        if not Path(ref).expanduser().is_file():
+            raise ModelNotFoundError(f"model.pretrained={ref}: no such checkpoint file")
+        if single_file_config:
+            check_model_ref(single_file_config, revision)
+        return
     if _looks_local(ref):
         p = Path(ref).expanduser()
         if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
@@ -56,7 +95,11 @@ def model_identity(ref: str, revision: str | None, variant: str | None) -> dict[
     """What must change when the base model changes: the hub id + revision, or, for a local folder, a digest
     of its configs and of the size and mtime of its weight files (hashing gigabytes would cost minutes)."""
     ident: dict[str, Any] = {"ref": ref, "revision": revision, "variant": variant}
-    if _looks_local(ref):
+    if _looks_local(ref) and Path(ref).expanduser().is_file():  # a single-file checkpoint
+        st = Path(ref).expanduser().resolve().stat()
+        ident["ref"] = str(Path(ref).expanduser().resolve())
+        ident["digest"] = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    elif _looks_local(ref):
         root = Path(ref).expanduser().resolve()
         h = hashlib.sha256()
         for f in sorted(root.rglob("*")):
@@ -73,24 +116,30 @@ def model_identity(ref: str, revision: str | None, variant: str | None) -> dict[
 
 
 def load_components(ref: str, revision: str | None = None, variant: str | None = None,
-                    allow_pickle: bool = False, prediction_type: str | None = None) -> Components:
-    check_model_ref(ref, revision)
+                    allow_pickle: bool = False, prediction_type: str | None = None,
+                    single_file_config: str | None = None) -> Components:
+    check_model_ref(ref, revision, single_file_config)
     if allow_pickle:
         log.warning("model.allow_pickle=true: pickle weight files may be loaded; they can run arbitrary code. "
                     "Use only files you trust.")
     st: bool | None = None if allow_pickle else True  # True: diffusers/transformers refuse non-safetensors
     kw = dict(revision=revision, use_safetensors=st)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", revision=revision)
-        text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", variant=variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", variant=variant, **kw)
-        sched_cfg = dict(DDPMScheduler.load_config(ref, subfolder="scheduler", revision=revision))
-    except (OSError, ValueError, EnvironmentError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        raise ModelNotFoundError(f"could not load model {ref}: {msg}"
-                                 + ("" if allow_pickle else " (only safetensors weights are loaded; "
-                                    "model.allow_pickle=true accepts pickle files you trust)")) from None
+    if is_single_file(ref):
+        pipe = load_single_file_pipeline(ref, single_file_config, allow_pickle)
+        tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        sched_cfg = dict(pipe.scheduler.config)
+    else:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", revision=revision)
+            text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", variant=variant, **kw)
+            vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", variant=variant, **kw)
+            unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", variant=variant, **kw)
+            sched_cfg = dict(DDPMScheduler.load_config(ref, subfolder="scheduler", revision=revision))
+        except (OSError, ValueError, EnvironmentError) as e:
+            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            raise ModelNotFoundError(f"could not load model {ref}: {msg}"
+                                     + ("" if allow_pickle else " (only safetensors weights are loaded; "
+                                        "model.allow_pickle=true accepts pickle files you trust)")) from None
     if prediction_type:  # e.g. sd21 at 768 px is a v-prediction model
         sched_cfg["prediction_type"] = prediction_type
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
