@@ -1,6 +1,6 @@
 """`python -m dreambench.generate run=<run folder> prompts='["a {identifier} {class_noun} on the beach"]'`
 
-Samples any prompts from a run's `model/` (or any diffusers folder) with the `guidance` group; writes the
+Samples any prompts from a run of any method (or any diffusers folder) with the `guidance` group; writes the
 images and a grid to `<run>/generated/<time>/`.
 """
 
@@ -17,40 +17,71 @@ from omegaconf import DictConfig, OmegaConf
 from dreambench.errors import UserError
 
 
-def load_run(run: Path) -> tuple[Path, dict]:
-    """(model folder, facts about the run: identifier, class noun, resolution) for a run or a model folder."""
-    if (run / "model" / "model_index.json").is_file():
-        model = run / "model"
-    elif (run / "model_index.json").is_file():
-        model, run = run, run.parent
-    else:
-        raise UserError(f"run={run}: no model/ folder (diffusers format) there")
+def find_run(run: Path) -> tuple[Path, Path | None]:
+    """(run folder, bare model folder or None): a run of any method (its model/ holds a diffusers pipeline, or
+    the method's artefact + method.json), or a diffusers model folder given directly. Cheap: nothing loads."""
+    from dreambench.methods.runs import METHOD_FILE
+
+    if (run / "model" / "model_index.json").is_file() or (run / "model" / METHOD_FILE).is_file():
+        return run, None
+    if (run / "model_index.json").is_file():
+        return run.parent, run
+    raise UserError(f"run={run}: no model/ folder there (a finished run with train.export_model=true, or a "
+                    f"diffusers model folder)")
+
+
+def _prompt_facts(run: Path) -> dict:
+    """What prompts are filled with: identifier (as trained), class noun, resolution."""
     facts: dict = {}
     if (run / "config.yaml").is_file():
         c = OmegaConf.load(run / "config.yaml")
         facts = {"identifier": c.data.identifier, "class_noun": c.data.class_noun, "resolution": c.data.resolution}
     if (run / "metrics.json").is_file():
         facts["identifier"] = json.loads((run / "metrics.json").read_text()).get("identifier", facts.get("identifier"))
-    return model, facts
+    return facts
+
+
+def fill_prompts(prompts, facts: dict) -> list[str]:
+    """The prompts with {identifier} / {class_noun} filled; one string is one prompt (not one per letter)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"prompts={prompts}: give a list of prompts, e.g. prompts='[\"a {{identifier}} "
+                        f"{{class_noun}} in the snow\"]'")
+    fields = {"identifier": facts.get("identifier", ""), "class_noun": facts.get("class_noun", "")}
+    out = []
+    for p in prompts:
+        try:
+            out.append(" ".join(p.format(**fields).split()))
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"prompt {p!r}: bad placeholder {e} (known: {{identifier}}, {{class_noun}}; "
+                            f"double a brace for a literal one)") from None
+    return out
 
 
 def generate_from_run(cfg: DictConfig) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from dreambench.methods import load_run_pipeline
     from dreambench.sampling import generate, image_grid, make_scheduler
 
-    run = Path(cfg.run).expanduser()
-    model, facts = load_run(run)
-    prompts = [p.format(identifier=facts.get("identifier", ""), class_noun=facts.get("class_noun", ""))
-               for p in cfg.prompts]
-    prompts = [" ".join(p.split()) for p in prompts]
+    run, bare_model = find_run(Path(cfg.run).expanduser())
+    facts = _prompt_facts(run)
+    prompts = fill_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_config(cfg.prompts) else cfg.prompts,
+                           facts)
+    for key in ("num_images", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise UserError(f"{key}={cfg[key]}: must be a whole number >= 1")
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
     guidance["height"] = guidance.get("height") or facts.get("resolution")
     guidance["width"] = guidance.get("width") or facts.get("resolution")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    if bare_model is None:  # any method's run: the same loader as evaluate (LoRA / embeddings on their base)
+        pipe = load_run_pipeline(run)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(bare_model, use_safetensors=True, safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.scheduler = make_scheduler(guidance["scheduler"], pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -6,6 +6,7 @@ huggingface_hub's HfApi intercepted at its two methods, since no Hub server can 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -328,3 +329,51 @@ def test_a_single_file_base_model_trains_like_its_diffusers_folder(runs, tmp_pat
     assert _maxdiff(images[1], images[0]) <= FUSED_ATOL
     with pytest.raises(ModelNotFoundError, match="no such checkpoint file"):
         check_model_ref(str(tmp_path / "missing.safetensors"))
+
+
+def _generate_cfg(run, out, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.methods_helpers import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("generate", overrides=[f"run={run}", f"out={out}", "num_images=1", "progress=false",
+                                              "guidance.num_inference_steps=3", "guidance.guidance_scale=7.5",
+                                              "guidance.scheduler=PNDMScheduler", *overrides])
+
+
+@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+def test_generate_samples_any_methods_run_like_the_run_itself(runs, tmp_path, method):
+    from PIL import Image
+
+    from dreambench.generate import generate_from_run
+    from dreambench.methods import load_run_pipeline
+
+    run, cfg, metrics = runs[method]
+    # A plain string is one prompt (it used to be iterated letter by letter).
+    out = generate_from_run(_generate_cfg(run, tmp_path / "gen", "prompts='a {identifier} {class_noun}'"))
+    (entry,) = json.loads((out / "prompts.json").read_text())
+    assert entry["prompt"] == metrics["instance_prompt"]  # the identifier the run trained (<sks> for TI)
+    got = np.asarray(Image.open(out / entry["file"]), dtype=np.float64) / 255
+    # The same pixels as the run's own loader (evaluate's), up to the PNG's 8-bit rounding; not the base model's.
+    want = render(load_run_pipeline(run), entry["prompt"])
+    assert _maxdiff(got, want) <= 0.5 / 255 + 1e-6
+    assert _maxdiff(got, render(_base(cfg), entry["prompt"])) > 2 / 255
+
+
+def test_generate_bad_input_is_one_line_before_any_model_loads(runs, tmp_path):
+    from dreambench.errors import UserError
+    from dreambench.generate import generate_from_run
+
+    run, _, _ = runs["lora"]
+    for overrides, message in [
+        (["prompts=['a {identifer} toy']"], "bad placeholder 'identifer' (known: {identifier}, {class_noun}"),
+        (["num_images=0"], "num_images=0: must be a whole number >= 1"),
+        (["batch_size=-1"], "batch_size=-1: must be a whole number >= 1"),
+        (["prompts=[]"], "give a list of prompts"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            generate_from_run(_generate_cfg(run, tmp_path / "never", *overrides))
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(UserError, match="no model/ folder there"):
+        generate_from_run(_generate_cfg(tmp_path, tmp_path / "never"))
