@@ -6,13 +6,12 @@ diffusers) under `<run>/export/<format>/`, and refreshes the run's model card. F
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dreambench.errors import UserError
+from dreambench.errors import exit_on_user_error
 
 
 def export(cfg: DictConfig) -> dict[str, list[Path]]:
@@ -30,11 +29,8 @@ def export(cfg: DictConfig) -> dict[str, list[Path]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         files = export(cfg)
-    except UserError as e:
-        print(f"dreambench: error: {e}", file=sys.stderr)
-        sys.exit(2)
     for name, paths in files.items():
         for p in paths:
             print(f"dreambench: {name}: {p}")

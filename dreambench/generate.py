@@ -7,14 +7,13 @@ images and a grid to `<run>/generated/<time>/`.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dreambench.errors import UserError
+from dreambench.errors import UserError, exit_on_user_error
 
 
 def find_run(run: Path) -> tuple[Path, Path | None]:
@@ -101,11 +100,8 @@ def generate_from_run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         out = generate_from_run(cfg)
-    except UserError as e:
-        print(f"dreambench: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"dreambench: images in {out}")
 
 

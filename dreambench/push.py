@@ -7,13 +7,12 @@ cache of `hf auth login`); dreambench never reads it into a config, a file or a 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dreambench.errors import UserError
+from dreambench.errors import UserError, exit_on_user_error
 
 # Besides the exports: what a reader of the repo needs to judge the run (config.yaml is already redacted).
 RUN_FILES = ("README.md", "config.yaml", "metrics.json", "eval/metrics.json")
@@ -77,11 +76,8 @@ def push(cfg: DictConfig) -> tuple[list[str], str | None]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="push")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         files, url = push(cfg)
-    except UserError as e:
-        print(f"dreambench: error: {e}", file=sys.stderr)
-        sys.exit(2)
     verb = "would upload" if url is None else "uploaded"
     print(f"dreambench: {verb} {len(files)} files to {cfg.repo_id}" + (" (private)" if cfg.private else ""))
     for f in files:
