@@ -142,12 +142,16 @@ def card_text(run: Path) -> str:
     body += _usage(run, files, meta, method, base)
     body += ["## Training", "", "| setting | value |", "|---|---|"]
     opt, prior, train = cfg.get("optimizer") or {}, cfg.get("prior") or {}, cfg.get("trainer") or {}
-    rows = {"method": json.dumps(metrics.get("method")) if metrics.get("method") else method,
-            "steps": metrics.get("steps", train.get("max_steps")), "learning rate": opt.get("lr"),
+    settings = dict(metrics.get("method") or {})  # the method's summary(): name and its own settings
+    settings.pop("name", None)
+    loss = metrics.get("train/loss")
+    rows = {"method": method + (f" ({', '.join(f'{k}={v}' for k, v in settings.items())})" if settings else ""),
+            # LoRA trains at its own method.lr, not optimizer.lr
+            "steps": metrics.get("steps", train.get("max_steps")), "learning rate": settings.get("lr", opt.get("lr")),
             "prior preservation λ": (metrics.get("prior") or {}).get("weight", prior.get("weight")),
             "resolution": data.get("resolution"), "batch size": data.get("batch_size"),
             "precision": train.get("precision"), "seed": cfg.get("seed"),
-            "final loss": metrics.get("train/loss")}
+            "final loss": f"{loss:.4g}" if isinstance(loss, float) else loss}
     body += [f"| {k} | {v} |" for k, v in rows.items() if v is not None] + [""]
     if ev:
         body += ["## DreamBench scores", "", "| metric | mean | 95% interval (bootstrap over subjects) |",

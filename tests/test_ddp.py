@@ -33,8 +33,8 @@ def test_two_process_ddp_run_writes_one_run_folder(tmp_path):
     assert len(runs) == 1, runs  # rank 1 re-ran the command (and its ${now:}) but made no folder
     run = runs[0]
     assert sorted(p.name for p in out.rglob("*") if p.name.startswith((".pl_hydra", "train_ddp_process"))) == []
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "config.yaml", "logs", "metrics.json",
-                                                    "model", "samples", "train.log"]
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "README.md", "checkpoints", "config.yaml", "logs",
+                                                    "metrics.json", "model", "samples", "train.log"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step=000004.ckpt"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000.png", "step_000004.png"]
     logs = r.stdout + r.stderr
