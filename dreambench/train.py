@@ -71,7 +71,7 @@ def prepare(cfg: DictConfig) -> Plan:
         prior = instantiate(cfg.prior)
         prior.check(res)
         check_exports(cfg)
-        ref = resolve_model_ref(cfg.model)
+        ref = resolve_model_ref(cfg.model, cfg.paths.cache_dir)
         single_file_config = cfg.model.get("single_file_config")
         check_model_ref(ref, cfg.model.revision, single_file_config)
         # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
