@@ -97,7 +97,25 @@ def check_exports(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one subject as `cfg` says; returns what metrics.json holds."""
+    """Train one subject as `cfg` says; returns what metrics.json holds ({"finished": True, ...} when resume=auto
+    finds the run finished and leaves it as it is)."""
+    from dreambench.resilience import lock
+    from dreambench.resilience.checkpoint import finished_steps, is_auto
+    from dreambench.resilience.runs import launch_rank, run_dir_for_this_rank
+
+    run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
+    try:
+        if launch_rank() == 0:  # before anything is read or written; DDP children share rank 0's lock
+            lock.acquire(run_dir)
+        steps = finished_steps(run_dir)
+        if is_auto(cfg.get("resume")) and steps is not None:  # a requeued job that already finished: not touched
+            return {"finished": True, "steps": steps, "run_dir": str(run_dir)}
+        return _train(cfg)
+    finally:
+        lock.release(run_dir)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -239,6 +257,11 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteError as e:
         print(f"dreambench: error: {e}", file=sys.stderr)
         sys.exit(4)
+    if metrics.get("finished"):
+        print(f"dreambench: run folder {metrics['run_dir']} is finished ({metrics['steps']} steps): resume=auto "
+              f"leaves it as it is (to train on, resume=<its checkpoint> into another hydra.run.dir)",
+              file=sys.stderr)
+        return None
     if metrics.get("preempted"):
         requeued = launch_rank() == 0 and requeue_slurm()
         print(f"dreambench: preempted at step {metrics['steps']}: checkpoint {metrics['checkpoint']}; "
