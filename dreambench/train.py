@@ -48,7 +48,7 @@ def prepare(cfg: DictConfig) -> Plan:
     from dreambench.models.loading import ModelNotFoundError, check_model_ref, config_source, resolve_model_ref
 
     from dreambench.resilience import resolve_resume
-    from dreambench.resilience.runs import run_dir_for_this_rank
+    from dreambench.resilience.runs import run_dir_for_this_rank, warn_changed_settings
     from dreambench.schema import validate
 
     check_missing(cfg, " (a DreamBench subject comes with +experiment=<subject>, e.g. +experiment=dog)")
@@ -57,6 +57,8 @@ def prepare(cfg: DictConfig) -> Plan:
     run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
     try:
         resume = resolve_resume(cfg.get("resume"), run_dir)
+        if resume is not None:
+            warn_changed_settings(resume, cfg)
         subject = None
         if cfg.data.instance_dir:
             folder = Path(cfg.data.instance_dir).expanduser()
