@@ -102,15 +102,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one subject as `cfg` says; returns what metrics.json holds ({"finished": True, ...} when resume=auto
     finds the run finished and leaves it as it is)."""
     from dreambench.resilience import lock
-    from dreambench.resilience.checkpoint import finished_steps, is_auto
+    from dreambench.resilience.checkpoint import finished_and_left_alone
     from dreambench.resilience.runs import launch_rank, run_dir_for_this_rank
 
     run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
     try:
         if launch_rank() == 0:  # before anything is read or written; DDP children share rank 0's lock
             lock.acquire(run_dir)
-        steps = finished_steps(run_dir)
-        if is_auto(cfg.get("resume")) and steps is not None:  # a requeued job that already finished: not touched
+        steps = finished_and_left_alone(cfg.get("resume"), run_dir)
+        if steps is not None:  # e.g. a requeued job that had already finished: not touched
             return {"finished": True, "steps": steps, "run_dir": str(run_dir)}
         return _train(cfg)
     finally:

@@ -60,8 +60,8 @@ def test_logger_none_names_prunes_and_finds_checkpoints_like_any_logger(tmp_path
     from dreambench.resilience.checkpoint import resolve_resume
     from dreambench.train import train
     run = tmp_path / "run"
-    train(compose([*[o for o in COMMON if not o.startswith("logger")], "logger=none", "train.checkpoint_every_n_steps=2",
-                   f"paths.run_dir={run}"]))
+    train(compose([*[o for o in COMMON if not o.startswith("logger")], "logger=none",
+                   "train.checkpoint_every_n_steps=2", f"paths.run_dir={run}"]))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step={N:06d}.ckpt"]  # keep_checkpoints=1
     assert resolve_resume("auto", run) == run / "checkpoints" / f"step={N:06d}.ckpt"
 
@@ -86,7 +86,8 @@ def test_changed_learning_rate_or_prior_weight_on_resume_is_named(tmp_path, capl
     base = ["+experiment=dog", *TINY, f"paths.run_dir={run}"]
     run.mkdir()
     (run / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(compose(base)))))  # as train()
-    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "w": torch.ones(1)}, run / "checkpoints" / "step=000003.ckpt")
+    ckpt = run / "checkpoints" / "step=000003.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "w": torch.ones(1)}, ckpt)
     with caplog.at_level(logging.WARNING, logger="dreambench"):
         prepare(compose([*base, "resume=auto", "trainer.max_steps=9"]))
     assert "changed" not in caplog.text  # max_steps may change: that is how a run is extended

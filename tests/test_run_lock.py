@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, TINY, compose, run_cli
 
-HOLD = "import sys, time; from dreambench.resilience import lock; lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+HOLD = ("import sys, time; from dreambench.resilience import lock; lock.acquire(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(120)")
 
 
 class Loaded(Exception):

@@ -79,6 +79,11 @@ def finished_steps(run_dir: str | Path) -> int | None:
         return -1  # unreadable, but it is there: still a finished run's file, never to be overwritten
 
 
+def finished_and_left_alone(resume: Any, run_dir: str | Path) -> int | None:
+    """resume=auto on a finished run: its step count (nothing of it is to be written), else None."""
+    return finished_steps(run_dir) if is_auto(resume) else None
+
+
 def resolve_resume(value: Any, run_dir: str | Path) -> Path | None:
     """`resume`: null (fresh start) | auto (newest complete checkpoint of <run_dir>/checkpoints, or a fresh
     start if there is none) | a checkpoint file | a run or checkpoints folder. Raises ValueError naming the

@@ -92,13 +92,13 @@ class RedactHydraOutput(Callback):
             return
         from dreambench.errors import UserError
         from dreambench.resilience import lock
-        from dreambench.resilience.checkpoint import finished_steps, is_auto
+        from dreambench.resilience.checkpoint import finished_and_left_alone
         run = Path(config.hydra.runtime.output_dir)
         try:
             lock.acquire(run)  # before the first write; train() takes the same lock (reentrant) and reports a refusal
         except UserError:
             return  # another run owns the folder: its .hydra files are not ours to overwrite
-        if is_auto(OmegaConf.select(config, "resume")) and finished_steps(run) is not None:
+        if finished_and_left_alone(OmegaConf.select(config, "resume"), run) is not None:
             return  # a finished run: resume=auto leaves every file of it as it is
         for name, text in redacted_hydra_files(config).items():
             atomic_write_text(run / self.subdir / name, text)
