@@ -6,8 +6,8 @@ the process dies however it dies (SIGKILL, OOM), so a crashed run never blocks t
 and pid are written into the file only to name it in the refusal. A clean release deletes the file (the run
 folder holds only the run's own files); a file left behind means the owner died holding it (a stale lock,
 taken over with a warning). Deleting a lock file is safe because a taker checks, once locked, that the file it
-locked is still the one at that path, and starts over if not. flock does not reach
-across hosts on every shared filesystem, so an owner on another host is taken at its word and refused.
+locked is still the one at that path, and starts over if not. flock does not reach across hosts on every
+shared filesystem, so an owner on another host is taken at its word and refused.
 
 Rank 0 owns the lock; DDP children (launch_rank() > 0) write nothing to the folder and never take it.
 """
@@ -117,7 +117,7 @@ def release(run_dir: str | Path) -> None:
     except OSError:  # e.g. the folder was removed under us: the flock goes with the fd anyway
         pass
     os.close(fd)  # closing the only descriptor releases the flock
-    if made:  # a run refused before writing anything leaves no empty folder behind
+    if made:  # a run stopped before writing anything (bad input) leaves no empty folder behind
         with contextlib.suppress(OSError):
             key.rmdir()  # only if empty
 
