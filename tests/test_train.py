@@ -73,6 +73,12 @@ def test_cli_run_with_wandb_offline(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"dreambench: run folder: {run}" in r.stdout
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    # One console line per record (Lightning's and transformers' own handlers used to print each twice), the
+    # line in the run's log too, and nothing a user cannot act on (dreambench.utils.logs).
+    console = r.stdout + r.stderr
+    assert console.count("GPU available: False") == 1 and "GPU available: False" in (run / "train.log").read_text()
+    for noise in ("💡 Tip", "requires torchvision", "module(s) in eval mode", "LeafSpec"):
+        assert noise not in console, noise
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert _reload_and_generate(run / "model").size == (32, 32)
 
