@@ -118,6 +118,8 @@ ERROR_CASES = {
                       "model.pretrained=/nonexistent/sd15: no diffusers model folder there"),
     "hub model offline": (["+experiment=dog", "model=sd15"], "cannot reach it on the hub nor in the local cache"),
     "bad image": (["+experiment=dog", "data.instance_dir={bad}"], "broken.jpg: truncated or corrupt"),
+    "photo instead of its folder": (["+experiment=dog", "data.instance_dir={bad}/good.png"],
+                                    "instance images path is not a folder: "),
     "bad resolution": (["+experiment=dog", "data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
 }
 
