@@ -83,7 +83,9 @@ def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, 
 def find_runs(folder: Path) -> list[Run]:
     runs = []
     for cfg_file in sorted(folder.rglob("config.yaml")):
-        if "eval" in cfg_file.parts[len(folder.parts) :]:
+        inside = cfg_file.parts[len(folder.parts) :]
+        # <run>/.hydra/config.yaml is Hydra's record of the same run, not a run of its own
+        if "eval" in inside or any(part.startswith(".") for part in inside):
             continue
         cfg = _load_yaml(cfg_file)
         recipe = cfg.get("recipe") or {}

@@ -238,7 +238,7 @@ def case_syncs(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
     return rows
 
 
-FIRST_STEP = re.compile(r"first training step at ([0-9.]+) \(unix s\)")
+FIRST_STEP = re.compile(r"first training step .* \(at unix ([0-9.]+)\)")
 
 
 def case_startup(s: Settings) -> list[dict[str, Any]]:

@@ -86,8 +86,8 @@ def allow_clipping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 class FirstStepClock:
-    """Logs the wall-clock time (unix seconds) when the first training step starts: `make bench` reads it to
-    measure start-up (command -> first step)."""
+    """Logs when the first training step starts: seconds since the process started (what a person reads) and
+    the unix time (what `make bench` reads to measure command -> first step from outside)."""
 
     def __init__(self):
         self.done = False
@@ -95,4 +95,8 @@ class FirstStepClock:
     def __call__(self) -> None:
         if not self.done:
             self.done = True
-            log.info("first training step at %.3f (unix s)", time.time())
+            import psutil  # installed with wandb; the process's own start time, not this module's import
+
+            now = time.time()
+            log.info("first training step %.1f s after the command started (at unix %.3f)",
+                     now - psutil.Process().create_time(), now)

@@ -249,6 +249,8 @@ def main(cfg: DictConfig) -> float | None:
             if isinstance(h, logging.FileHandler):
                 logging.getLogger().removeHandler(h)
     logging.basicConfig(level=logging.INFO, format="[dreambench] %(message)s")
+    from dreambench.utils.logs import route_library_logs_to_root
+    route_library_logs_to_root()
     try:
         metrics = train(cfg)
     except UserError as e:

@@ -231,3 +231,18 @@ def test_fused_adamw_trains_under_bf16_mixed_with_clipping(images, tmp_path):
     assert trainer.global_step == 2
     assert trainer.optimizers[0].defaults["fused"] is True
     assert not torch.equal(before, module.unet.conv_in.weight)
+
+
+def test_startup_case_reads_the_first_step_line_the_trainer_logs(caplog):
+    import time
+
+    import bench.cases
+    from dreambench.speed import FirstStepClock
+
+    clock = FirstStepClock()
+    with caplog.at_level("INFO", logger="dreambench"):
+        before = time.time()
+        clock()
+        clock()  # once only
+    (line,) = [r.getMessage() for r in caplog.records if "first training step" in r.getMessage()]
+    assert before <= float(bench.cases.FIRST_STEP.search(line).group(1)) <= time.time()

@@ -106,3 +106,21 @@ def test_class_image_cache_never_deletes_through_a_link(tmp_path):
     with pytest.raises(ValueError, match="refusing to delete"):
         cache.get_or_create(spec, lambda prompts, seeds: [Image.new("RGB", (8, 8)) for _ in prompts], progress=False)
     assert (precious / "holiday.jpg").read_bytes() == b"irreplaceable"
+
+
+@pytest.mark.parametrize("sweeper", ["basic", "optuna"])
+def test_a_secret_given_to_a_multirun_reaches_no_file_and_no_console(tmp_path, sweeper):
+    # The job is refused at start-up (CSVLogger takes no api_key), after the sweeper has written multirun.yaml and
+    # the launcher has logged the job's overrides: both used to hold the secret in clear.
+    out = tmp_path / "sweep"
+    extra = ({"basic": ["seed=0,1"],
+              "optuna": ["+hparams_search=lr_prior", "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failure_rate=1",
+                         "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler"]})[sweeper]
+    r = run_cli("dreambench.train", ["-m", "+experiment=dog", *TINY, f"+logger.api_key={SECRET}",
+                                     f"hydra.sweep.dir={out}", *extra], timeout=300)
+    logs = r.stdout + r.stderr
+    assert "unknown key logger.api_key" in logs, logs[-3000:]  # the job ran and was refused
+    assert "logger.api_key=***" in logs  # the launcher's line is there, redacted
+    assert SECRET not in logs
+    assert "+logger.api_key=***" in (out / "multirun.yaml").read_text()
+    assert _grep(out, SECRET) == []

@@ -137,6 +137,13 @@ def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
         tables.render(tmp_path / "table3" / "with_prior" / "dog-s0" / "eval")
 
 
+def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
+    run = _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6})
+    (run / ".hydra").mkdir()  # what a CLI run also writes: the same config, beside the run's own
+    (run / ".hydra" / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert [r.folder for r in tables.find_runs(tmp_path)] == [run]
+
+
 def test_paper_numbers_match_protocol():
     text = REPO.parent / "shared" / "docs" / "PROTOCOL.md"
     if not text.is_file():

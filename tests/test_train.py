@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -68,11 +70,22 @@ def test_trained_weights_differ_from_the_base_and_frozen_ones_do_not(tmp_path, t
 
 def test_cli_run_with_wandb_offline(tmp_path):
     run = tmp_path / "cli-run"
+    started = time.monotonic()
     r = run_cli("dreambench.train", ["+experiment=dog", *[o for o in TINY if not o.startswith("logger")],
                                      f"hydra.run.dir={run}"], env={**os.environ, "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"dreambench: run folder: {run}" in r.stdout
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    # One console line per record (Lightning's and transformers' own handlers used to print each twice), the
+    # line in the run's log too, and nothing a user cannot act on (dreambench.utils.logs).
+    console = r.stdout + r.stderr
+    assert console.count("GPU available: False") == 1 and "GPU available: False" in (run / "train.log").read_text()
+    for noise in ("💡 Tip", "requires torchvision", "module(s) in eval mode", "LeafSpec"):
+        assert noise not in console, noise
+    # Start-up in seconds a person reads (it used to be a bare unix time), measured from the process's start.
+    after = float(re.search(r"first training step ([0-9.]+) s after the command started \(at unix [0-9.]+\)",
+                            console).group(1))
+    assert 0 < after < time.monotonic() - started
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert _reload_and_generate(run / "model").size == (32, 32)
 
@@ -105,6 +118,8 @@ ERROR_CASES = {
                       "model.pretrained=/nonexistent/sd15: no diffusers model folder there"),
     "hub model offline": (["+experiment=dog", "model=sd15"], "cannot reach it on the hub nor in the local cache"),
     "bad image": (["+experiment=dog", "data.instance_dir={bad}"], "broken.jpg: truncated or corrupt"),
+    "photo instead of its folder": (["+experiment=dog", "data.instance_dir={bad}/good.png"],
+                                    "instance images path is not a folder: "),
     "bad resolution": (["+experiment=dog", "data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
 }
 

@@ -131,8 +131,9 @@ def validate_image_folder(folder: str | Path, min_size: int, on_bad: str = "erro
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{what} folder not found: {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{what} path is not a folder: {folder}")
+    if not folder.is_dir():  # e.g. one photo given instead of its folder
+        raise BadImageError([], header=f"{what} path is not a folder: {folder} (give the folder that holds the "
+                                       f"photos)")
 
     good: list[Path] = []
     problems: list[tuple[Path, str]] = []

@@ -51,8 +51,8 @@ def _scrub(node: Any, values: set[str]) -> Any:
     return node
 
 
-def redacted_hydra_files(config: DictConfig) -> dict[str, str]:
-    """{file name: YAML text} for config.yaml, hydra.yaml and overrides.yaml, secrets replaced."""
+def _split(config: DictConfig) -> tuple[dict[str, Any], dict[str, Any], set[str]]:
+    """(task config, hydra node, the secret values: of secret-named keys and of secret-named overrides)."""
     full = OmegaConf.to_container(config, resolve=False)
     hydra_node = full.pop("hydra", {})
     values: set[str] = set()
@@ -61,12 +61,43 @@ def redacted_hydra_files(config: DictConfig) -> dict[str, str]:
         key, eq, val = str(o).partition("=")
         if eq and SECRET.search(key) and val.strip("'\""):
             values |= {val, val.strip("'\"")}
+    return full, hydra_node, values
+
+
+def redacted_hydra_files(config: DictConfig) -> dict[str, str]:
+    """{file name: YAML text} for config.yaml, hydra.yaml and overrides.yaml, secrets replaced."""
+    full, hydra_node, values = _split(config)
     task = _scrub(full, values)
     hydra_cfg = {"hydra": _scrub(hydra_node, values)}
     overrides = _scrub(list(hydra_node.get("overrides", {}).get("task", [])), values)
     return {"config.yaml": OmegaConf.to_yaml(OmegaConf.create(task)),
             "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create(hydra_cfg)),
             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(overrides))}
+
+
+def redacted_multirun_yaml(config: DictConfig) -> str:
+    """The whole config (task + hydra) as a sweep's multirun.yaml, secrets replaced."""
+    full, hydra_node, values = _split(config)
+    return OmegaConf.to_yaml(OmegaConf.create({**_scrub(full, values), "hydra": _scrub(hydra_node, values)}))
+
+
+def scrub_log_records(values: set[str]) -> None:
+    """From now on, no log record of this process carries one of `values`: Hydra's launchers log every job's
+    overrides (`#0 : ... +logger.settings.api_key=...`), the secret among them. A record factory, not a handler
+    filter, because Hydra replaces the handlers at every job."""
+    values = {v for v in values if v}
+    if not values:
+        return
+    make = logging.getLogRecordFactory()
+
+    def scrubbed(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        text = record.getMessage()
+        if any(v in text for v in values):
+            record.msg, record.args = _scrub(text, values), ()
+        return record
+
+    logging.setLogRecordFactory(scrubbed)
 
 
 class RedactHydraOutput(Callback):
@@ -86,8 +117,31 @@ class RedactHydraOutput(Callback):
             with read_write(file_handler), open_dict(file_handler):
                 file_handler.delay = True
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        scrub_log_records(_split(config)[2])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._redact_multirun_yaml(config)
+
+    @staticmethod
+    def _redact_multirun_yaml(config: DictConfig) -> None:
+        # Hydra's basic sweeper saves the whole config, overrides in clear, as <sweep dir>/multirun.yaml before
+        # its first job starts; the first job's start (and the sweep's end) rewrites it redacted.
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode != RunMode.MULTIRUN:
+            return
+        path = Path(OmegaConf.select(config, "hydra.sweep.dir", default="") or ".") / "multirun.yaml"
+        if path.is_file():
+            multirun = OmegaConf.load(path)
+            text = redacted_multirun_yaml(multirun)
+            if text != OmegaConf.to_yaml(multirun):
+                atomic_write_text(path, text)
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from dreambench.resilience.runs import launch_rank
+        self._redact_multirun_yaml(config)
         if launch_rank() > 0:  # DDP children re-run the entry point: they write nothing to the run folder
             return
         from dreambench.errors import UserError

@@ -18,6 +18,8 @@ Semantics (docs/SWEEPS.md):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -108,7 +110,9 @@ class OptunaSweep:
             raise HydraException("the search space is empty: set hydra.sweeper.params (see conf/hparams_search/)")
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        from dreambench.resilience.hydra_redact import redacted_multirun_yaml
+        from dreambench.utils.io import atomic_write_text
+        atomic_write_text(sweep_dir / "multirun.yaml", redacted_multirun_yaml(self.config))
         study, storage, url = self.open(sweep_dir)
         self._write_card(sweep_dir, url, space)
         recover_stale(study, storage, self.stale_after_s)
@@ -182,7 +186,10 @@ class OptunaSweep:
             if "wall_time_s" in metrics:
                 trial.set_user_attr("wall_time_s", metrics["wall_time_s"])
             try:
-                raw = ret.return_value  # re-raises the trial's exception
+                # re-raises the trial's exception; Hydra first writes "Error executing job with overrides: [...]"
+                # straight to stderr, secrets among them: the failure is logged below with its reason instead.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    raw = ret.return_value
             except optuna.TrialPruned as e:
                 trial.set_user_attr(FAIL_REASON, f"pruned: {e}")
                 study.tell(trial, state=TrialState.PRUNED)

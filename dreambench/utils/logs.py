@@ -1,0 +1,50 @@
+"""One console line per log record, and none a user cannot act on.
+
+Lightning and transformers each install a console handler of their own at import time; under Hydra, whose
+handlers sit on the root logger, every Lightning INFO line and every transformers warning then printed twice
+(once bare, once in Hydra's format, which also goes to the run's train.log). Here their records go through the
+root handlers only, and what tells a user nothing actionable is dropped: Lightning's advert for a cloud logger,
+transformers' notice that torchvision is missing (dreambench has no torchvision on purpose: there is no CPU build
+of it for this torch, and transformers' PIL image processors are what it uses), and two Lightning warnings below.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+NOT_ACTIONABLE = ("💡 Tip:", "requires torchvision (not installed)")
+# Lightning's warnings that are true of every dreambench run and ask nothing of the user: the frozen VAE and text
+# encoder are in eval mode on purpose, and the pytree deprecation is inside Lightning itself.
+NOT_ACTIONABLE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def _actionable(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in NOT_ACTIONABLE)
+
+
+def route_library_logs_to_root() -> None:
+    """Call once the root logger has its handlers (after Hydra configured logging)."""
+    if not logging.getLogger().handlers:
+        return  # nothing configured the root logger: the libraries' own handlers are the only console output
+    import lightning  # noqa: F401 - importing installs the handlers removed here
+    import transformers.utils.logging as hf_logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # the library's console handler, not a file or user one
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for pattern in NOT_ACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    # Filters sit on the loggers that create the records (a record's own logger's filters apply, its
+    # ancestors' do not).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "transformers.utils.import_utils"):
+        logger = logging.getLogger(name)
+        if _actionable not in logger.filters:
+            logger.addFilter(_actionable)
