@@ -48,7 +48,7 @@ def prepare(cfg: DictConfig) -> Plan:
     from dreambench.models.loading import ModelNotFoundError, check_model_ref, config_source, resolve_model_ref
 
     from dreambench.resilience import resolve_resume
-    from dreambench.resilience.runs import run_dir_for_this_rank
+    from dreambench.resilience.runs import run_dir_for_this_rank, warn_changed_settings
     from dreambench.schema import validate
 
     check_missing(cfg, " (a DreamBench subject comes with +experiment=<subject>, e.g. +experiment=dog)")
@@ -57,6 +57,8 @@ def prepare(cfg: DictConfig) -> Plan:
     run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
     try:
         resume = resolve_resume(cfg.get("resume"), run_dir)
+        if resume is not None:
+            warn_changed_settings(resume, cfg)
         subject = None
         if cfg.data.instance_dir:
             folder = Path(cfg.data.instance_dir).expanduser()
@@ -71,7 +73,7 @@ def prepare(cfg: DictConfig) -> Plan:
         prior = instantiate(cfg.prior)
         prior.check(res)
         check_exports(cfg)
-        ref = resolve_model_ref(cfg.model)
+        ref = resolve_model_ref(cfg.model, cfg.paths.cache_dir)
         single_file_config = cfg.model.get("single_file_config")
         check_model_ref(ref, cfg.model.revision, single_file_config)
         # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
@@ -97,7 +99,25 @@ def check_exports(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one subject as `cfg` says; returns what metrics.json holds."""
+    """Train one subject as `cfg` says; returns what metrics.json holds ({"finished": True, ...} when resume=auto
+    finds the run finished and leaves it as it is)."""
+    from dreambench.resilience import lock
+    from dreambench.resilience.checkpoint import finished_and_left_alone
+    from dreambench.resilience.runs import launch_rank, run_dir_for_this_rank
+
+    run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
+    try:
+        if launch_rank() == 0:  # before anything is read or written; DDP children share rank 0's lock
+            lock.acquire(run_dir)
+        steps = finished_and_left_alone(cfg.get("resume"), run_dir)
+        if steps is not None:  # e.g. a requeued job that had already finished: not touched
+            return {"finished": True, "steps": steps, "run_dir": str(run_dir)}
+        return _train(cfg)
+    finally:
+        lock.release(run_dir)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -241,6 +261,11 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteError as e:
         print(f"dreambench: error: {e}", file=sys.stderr)
         sys.exit(4)
+    if metrics.get("finished"):
+        print(f"dreambench: run folder {metrics['run_dir']} is finished ({metrics['steps']} steps): resume=auto "
+              f"leaves it as it is (to train on, resume=<its checkpoint> into another hydra.run.dir)",
+              file=sys.stderr)
+        return None
     if metrics.get("preempted"):
         requeued = launch_rank() == 0 and requeue_slurm()
         print(f"dreambench: preempted at step {metrics['steps']}: checkpoint {metrics['checkpoint']}; "

@@ -36,6 +36,7 @@ def _interrupted_then_resumed(run: Path, monkeypatch) -> dict:
     assert first["preempted"] is True and first["steps"] == K + 1, first
     assert Path(first["checkpoint"]).name == f"step={K + 1:06d}.ckpt"
     assert not (run / "metrics.json").exists() and not (run / "model").exists()  # not finished
+    assert not (run / ".lock").exists()  # a preempted run releases its run folder (resume=auto takes it next)
     monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", original)
     return train(compose([*COMMON, f"paths.run_dir={run}", "resume=auto"]))
 

@@ -165,3 +165,28 @@ def test_drift_monitor_logs_val_metrics_during_a_run(tmp_path):
     with open(run / "logs" / "metrics.csv") as f:
         steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/dino")})
     assert steps == [0, 3, 6]
+
+
+def test_missing_tiny_model_path_is_one_line_and_nothing_is_built_there(tmp_path):
+    """A mistyped model.pretrained with model=tiny: a random model built there would later load as if it were the
+    real model. Only paths.cache_dir receives a build."""
+    from dreambench.errors import UserError
+    from dreambench.train import prepare
+    typo = tmp_path / "models" / "stable-diffusion-v1-5"
+    with pytest.raises(UserError, match=f"model.pretrained={typo}: no tiny model there") as e:
+        prepare(compose(["+experiment=dog", *TINY, f"model.pretrained={typo}", f"paths.run_dir={tmp_path / 'run'}"]))
+    assert "\n" not in str(e.value) and "paths.cache_dir" in str(e.value)
+    assert not (tmp_path / "models").exists()
+
+
+def test_base_of_a_tiny_run_from_another_cache_loads_from_todays_cache(tmp_path, tiny_model_dir):
+    """load_base_pipeline (LoRA / textual-inversion runs) rebuilds a gone tiny base in the cache, not at the path
+    recorded in method.json (which may be another machine's or a since-deleted cache)."""
+    from dreambench.methods.runs import load_base_pipeline
+    gone = tmp_path / "old-cache" / tiny_model_dir.name
+    pipe = load_base_pipeline({"pretrained": str(gone), "build_tiny": True})
+    assert not (tmp_path / "old-cache").exists()
+    ours = dict(pipe.unet.state_dict())
+    from diffusers import UNet2DConditionModel
+    ref = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)

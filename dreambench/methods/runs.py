@@ -32,9 +32,16 @@ def read_method_json(model_dir: Path) -> dict[str, Any] | None:
 def load_base_pipeline(base: dict[str, Any]):
     from diffusers import StableDiffusionPipeline
 
-    from dreambench.models.loading import is_single_file, load_single_file_pipeline, resolve_model_ref
+    from dreambench.models.loading import (default_cache_dir, is_single_file, load_single_file_pipeline,
+                                           resolve_model_ref, tiny_build_allowed)
+    from dreambench.models.tiny import is_built
 
-    # model=tiny is rebuilt (seeded, identical) where its cache folder is gone.
+    # model=tiny is rebuilt (seeded, identical) where its cache folder is gone; a run trained under another
+    # cache (another machine, DREAMBENCH_CACHE) gets it rebuilt in today's cache, never at the recorded path.
+    base = dict(base)
+    if base.get("build_tiny") and not is_built(Path(str(base["pretrained"])).expanduser()) \
+            and not tiny_build_allowed(base["pretrained"], None):
+        base["pretrained"] = str(default_cache_dir() / Path(str(base["pretrained"])).name)
     ref = resolve_model_ref(OmegaConf.create(base))
     if is_single_file(ref):  # trained on a single-file base model (model.pretrained=<file>.safetensors)
         pipe = load_single_file_pipeline(ref, base.get("single_file_config"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,11 +148,29 @@ def load_components(ref: str, revision: str | None = None, variant: str | None =
                       model_identity(ref, revision, variant))
 
 
-def resolve_model_ref(model_cfg: Any) -> str:
-    """`model=tiny` builds its folder on first use; every model is then loaded by the same code."""
+def default_cache_dir() -> Path:
+    """paths.cache_dir's default (conf/paths/default.yaml), for code that runs without a composed config."""
+    return Path(os.environ.get("DREAMBENCH_CACHE") or Path(os.environ.get("HOME", ".")) / ".cache" / "dreambench")
+
+
+def tiny_build_allowed(folder: str | Path, cache_dir: str | Path | None) -> bool:
+    # A random model is built only inside the cache: a mistyped model.pretrained must not get one, where a later
+    # real-model run with the same path would load it as Stable Diffusion. paths.cache_dir says where it may go.
+    cache = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().resolve()
+    return Path(folder).expanduser().resolve().is_relative_to(cache)
+
+
+def resolve_model_ref(model_cfg: Any, cache_dir: str | Path | None = None) -> str:
+    """`model=tiny` builds its folder on first use, inside `cache_dir` (paths.cache_dir) only; every model is
+    then loaded by the same code."""
     ref = str(model_cfg.pretrained)
     if model_cfg.get("build_tiny"):
-        from dreambench.models.tiny import ensure_tiny_model
+        from dreambench.models.tiny import ensure_tiny_model, is_built
+        if not is_built(Path(ref).expanduser()) and not tiny_build_allowed(ref, cache_dir):
+            raise ModelNotFoundError(
+                f"model.pretrained={ref}: no tiny model there, and the tiny model is built only inside "
+                f"paths.cache_dir ({Path(cache_dir or default_cache_dir()).expanduser()}): leave model.pretrained "
+                f"at its default, or set paths.cache_dir to the folder it should be built in")
         ensure_tiny_model(ref)
     return ref
 

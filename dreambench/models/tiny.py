@@ -102,7 +102,7 @@ def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionP
                                    requires_safety_checker=False)
 
 
-def _complete(folder: Path) -> bool:
+def is_built(folder: Path) -> bool:
     marker = folder / "tiny.json"
     return marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION
 
@@ -113,7 +113,7 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     from dreambench.utils.io import safe_rmtree
 
     folder = Path(folder).expanduser()
-    if _complete(folder):
+    if is_built(folder):
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     # One intra-op thread: the autoencoder fit sums in a thread-count-dependent order, and 800 Adam steps
@@ -127,12 +127,12 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists() and not _complete(folder):  # a partial build of this very version: ours to replace
+    if folder.exists() and not is_built(folder):  # a partial build of this very version: ours to replace
         safe_rmtree(folder, folder.parent)
     try:
         os.replace(tmp, folder)  # fails on a non-empty folder: another process finished first
     except OSError:
-        if not _complete(folder):
+        if not is_built(folder):
             raise
         safe_rmtree(tmp, folder.parent)
     return folder

@@ -63,14 +63,38 @@ def find_latest_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
+def is_auto(value: Any) -> bool:
+    return str(value) == "auto"
+
+
+def finished_steps(run_dir: str | Path) -> int | None:
+    """A finished run's step count (metrics.json is written last, only by a run that finished), else None."""
+    import json
+    f = Path(run_dir) / "metrics.json"
+    if not f.is_file():
+        return None
+    try:
+        return int(json.loads(f.read_text()).get("steps", -1))
+    except (ValueError, OSError, AttributeError):
+        return -1  # unreadable, but it is there: still a finished run's file, never to be overwritten
+
+
+def finished_and_left_alone(resume: Any, run_dir: str | Path) -> int | None:
+    """resume=auto on a finished run: its step count (nothing of it is to be written), else None."""
+    return finished_steps(run_dir) if is_auto(resume) else None
+
+
 def resolve_resume(value: Any, run_dir: str | Path) -> Path | None:
     """`resume`: null (fresh start) | auto (newest complete checkpoint of <run_dir>/checkpoints, or a fresh
     start if there is none) | a checkpoint file | a run or checkpoints folder. Raises ValueError naming the
     problem, before any model loads."""
     if value is None or value is False or str(value).strip().lower() in ("", "none", "null", "false"):
         return None
-    if str(value) == "auto":
+    if is_auto(value):
         found = find_latest_checkpoint(Path(run_dir) / "checkpoints")
+        if found is None and (Path(run_dir) / "model").exists():  # a fresh start would overwrite a trained model
+            raise ValueError(f"resume=auto: {run_dir} holds a trained model/ but no checkpoint to continue from; "
+                             f"starting afresh would overwrite it: give this run another folder (hydra.run.dir=...)")
         log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {run_dir}, "
                  "starting fresh")
         return found

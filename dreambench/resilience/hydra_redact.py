@@ -108,11 +108,12 @@ class RedactHydraOutput(Callback):
         # A DDP child (Lightning re-runs the command with hydra.job.name=train_ddp_process_<rank>) would open its
         # own <run>/train_ddp_process_<rank>.log when Hydra configures logging, right after this hook. With
         # delay=True the file is only created on the first record, and train.main drops the handler first.
+        # Rank 0 delays it too: a run refused at start-up (a folder in use) or a finished run that resume=auto
+        # leaves alone logs nothing, so it must not append to that folder's train.log either.
         from omegaconf import read_write
 
-        from dreambench.resilience.runs import launch_rank
         file_handler = OmegaConf.select(config, "hydra.job_logging.handlers.file")
-        if launch_rank() > 0 and isinstance(file_handler, DictConfig):
+        if isinstance(file_handler, DictConfig):
             with read_write(file_handler), open_dict(file_handler):
                 file_handler.delay = True
 
@@ -143,6 +144,19 @@ class RedactHydraOutput(Callback):
         self._redact_multirun_yaml(config)
         if launch_rank() > 0:  # DDP children re-run the entry point: they write nothing to the run folder
             return
-        out = Path(config.hydra.runtime.output_dir) / self.subdir
+        from dreambench.errors import UserError
+        from dreambench.resilience import lock
+        from dreambench.resilience.checkpoint import finished_and_left_alone
+        run = Path(config.hydra.runtime.output_dir)
+        try:
+            lock.acquire(run)  # before the first write; train() takes the same lock (reentrant) and reports a refusal
+        except UserError:
+            return  # another run owns the folder: its .hydra files are not ours to overwrite
+        if finished_and_left_alone(OmegaConf.select(config, "resume"), run) is not None:
+            return  # a finished run: resume=auto leaves every file of it as it is
         for name, text in redacted_hydra_files(config).items():
-            atomic_write_text(out / name, text)
+            atomic_write_text(run / self.subdir / name, text)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from dreambench.resilience import lock
+        lock.release(Path(config.hydra.runtime.output_dir))

@@ -41,6 +41,29 @@ def run_dir_for_this_rank(configured: str | Path) -> Path:
     return Path(configured)
 
 
+# Settings that shape the optimisation itself: changed on resume, the run is no longer the uninterrupted run of
+# either setting (guarantee 1 holds only without a change). Warned, not refused: lowering the learning rate of a
+# run that diverged is a legitimate use. trainer.max_steps is not here: raising it is how a run is extended.
+RESUME_SENSITIVE = ("optimizer.lr", "method.lr", "model.text_encoder_lr", "prior.weight", "train.lr_scheduler",
+                    "train.lr_warmup_steps", "optimizer.weight_decay", "data.resolution", "seed")
+
+
+def warn_changed_settings(checkpoint: Path, cfg: Any) -> list[str]:
+    """Name the RESUME_SENSITIVE settings that differ between the run that wrote `checkpoint` (its
+    <run>/config.yaml) and this one; returns the warnings given."""
+    from omegaconf import OmegaConf
+    saved = Path(checkpoint).parent.parent / "config.yaml"
+    if not saved.is_file():
+        return []
+    old = OmegaConf.load(saved)
+    changed = [f"{k} {OmegaConf.select(old, k)} -> {OmegaConf.select(cfg, k)}" for k in RESUME_SENSITIVE
+               if OmegaConf.select(old, k) != OmegaConf.select(cfg, k)]
+    if changed:
+        log.warning("resuming %s with changed settings: %s (the result equals no uninterrupted run)",
+                    checkpoint, ", ".join(changed))
+    return changed
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
