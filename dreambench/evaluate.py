@@ -481,4 +481,5 @@ def main(cfg: DictConfig) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    from dreambench.cli import run
+    run(main)
