@@ -50,7 +50,7 @@ def toy_config(folder: Path, n_trials: int = 4, storage: str | None = None, **ex
     conf.mkdir(parents=True, exist_ok=True)
     cfg = {
         "defaults": [{"override hydra/sweeper": "optuna"}, "_self_"],
-        "x": 0.5, "sleep_s": 0.3, "fail_above": None, "prune_above": None,
+        "x": 0.5, "sleep_s": 0.3, "fail_above": None, "prune_above": None, "config_error_above": None,
         "optimized_metric": "y",
         "seed": 0,
         "sweep": {"study_name": "toy", "storage": storage, "directions": ["minimize"], "weights": None,
@@ -59,6 +59,7 @@ def toy_config(folder: Path, n_trials: int = 4, storage: str | None = None, **ex
             "searchpath": [f"file://{REPO / 'conf'}"],
             "sweep": {"dir": str(folder / "sweep"), "subdir": "trial_${sweep.trial}"},
             "sweeper": {"n_trials": n_trials, "params": {"x": "interval(0.0, 1.0)"},
+                        "preflight": "sweep_helpers.toy_preflight",
                         "sampler": {"_target_": "optuna.samplers.RandomSampler", "seed": "${seed}"}},
             "job_logging": {"root": {"level": "WARNING"}},
         },
@@ -106,6 +107,9 @@ def _toy_main() -> None:
         time.sleep(float(cfg.sleep_s))
         if cfg.fail_above is not None and x > float(cfg.fail_above):
             raise ValueError(f"toy failure: x={x} > {cfg.fail_above}")
+        if cfg.config_error_above is not None and x > float(cfg.config_error_above):
+            from dreambench.errors import UserError
+            raise UserError(f"toy config error: x={x} > {cfg.config_error_above}")
         if cfg.prune_above is not None and x > float(cfg.prune_above):
             raise optuna.TrialPruned(f"toy prune: x={x}")
         y = (x - 0.3) ** 2
@@ -122,7 +126,15 @@ def _toy_main() -> None:
         deadline = time.monotonic() + 120
         while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
             time.sleep(0.005)
-    toy()
+    from dreambench.cli import run
+    run(toy)
+
+
+def toy_preflight(cfg) -> None:
+    """The toy task's preflight: x must lie within [0, 1] (a search space reaching past it is a config error)."""
+    from dreambench.errors import UserError
+    if not 0.0 <= float(cfg.x) <= 1.0:
+        raise UserError(f"x={cfg.x} must be within [0, 1]")
 
 
 # ---- a real PostgreSQL server ------------------------------------------------------------------------

@@ -6,15 +6,23 @@ parallel workers), or any URL Optuna's RDBStorage takes, e.g. postgresql+psycopg
 
 Stale trials: a sweep killed mid-batch leaves its trials RUNNING forever. Optuna's heartbeat
 (`optuna.storages.fail_stale_trials`) only exists for RDB storages, not for the journal file, so the sweeper keeps
-its own: it stamps each running trial it owns every `heartbeat_s` (a system attr, works on every storage); at
-start-up any RUNNING trial whose stamp is older than `stale_after_s` is failed with a reason and its parameters
-are enqueued again (a retry). Trials with no stamp (asked by something else) are left alone.
+its own, on every storage (system attrs): each trial it launches records its owner (host, pid, the process's
+start time), and it stamps the trials it runs every `heartbeat_s`. At start-up a RUNNING trial is stale when its
+owner was on this host and that process is gone (checked at once: the pid and its start time, so a reused pid is
+not mistaken for the owner), or, for an owner on another host, when its stamp is older than `stale_after_s`.
+A stale trial is failed with a reason and its parameters are enqueued again (a retry). Trials with neither owner
+nor stamp (asked by something else) are left alone.
+
+Configuration errors (a trial that raised dreambench's UserError) are marked `dreambench:config_error`: not
+counted towards the target nor the failure budget, so fixing the config and re-running goes on where it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -30,6 +38,8 @@ log = logging.getLogger("dreambench.sweep")
 HEARTBEAT = "dreambench:heartbeat"    # unix time of the owning sweeper's last stamp
 STALE = "dreambench:stale"            # failed because its sweeper stopped; retried, not counted
 SURPLUS = "dreambench:surplus"        # asked past the target in a race between workers; not counted
+CONFIG_ERROR = "dreambench:config_error"  # failed on a configuration error: the sweep stopped; not counted
+OWNER = "dreambench:owner"            # {"host", "pid", "started"}: the sweeper process that launched the trial
 FAIL_REASON = "fail_reason"           # user attr: why a trial failed / was pruned (shown by the dashboard)
 JOURNAL_NAME = "study.journal"
 
@@ -107,7 +117,7 @@ def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int)
 def counted(t: FrozenTrial) -> bool:
     """Whether a trial counts towards the study's target `n_trials`: every trial asked (running or finished,
     failed ones included) except stale ones (retried instead) and surplus ones."""
-    return t.state != TrialState.WAITING and not t.system_attrs.get(STALE) and not t.system_attrs.get(SURPLUS)
+    return t.state != TrialState.WAITING and not any(t.system_attrs.get(k) for k in (STALE, SURPLUS, CONFIG_ERROR))
 
 
 def failed(t: FrozenTrial) -> bool:
@@ -125,17 +135,50 @@ def fail_trial(storage: optuna.storages.BaseStorage, tid: int, reason: str, **sy
         return False
 
 
+def this_process() -> dict[str, Any]:
+    """The owner record of a trial launched by this process."""
+    import psutil
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def owner_gone(owner: Any) -> bool | None:
+    """True when the trial's owner ran on this host and that process no longer exists (its pid is free, or now
+    belongs to a process started at another time); False when it is alive; None when this host cannot tell."""
+    import psutil
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        started = psutil.Process(int(owner["pid"])).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return None
+    return abs(started - float(owner.get("started", started))) > 1.0
+
+
+def stale_reason(t: FrozenTrial, stale_after_s: float, now: float) -> str | None:
+    """Why a RUNNING trial is stale, or None if its owner may still be at work."""
+    owner = t.system_attrs.get(OWNER)
+    gone = owner_gone(owner)
+    if gone:
+        return f"stale: its sweeper (pid {owner['pid']} on {owner['host']}) is gone"
+    beat = t.system_attrs.get(HEARTBEAT)
+    if gone is None and beat is not None and now - float(beat) > stale_after_s:
+        return f"stale: its sweeper stopped (no heartbeat for {now - float(beat):.0f} s > stale_after_s={stale_after_s:g})"
+    return None
+
+
 def recover_stale(study: optuna.Study, storage: optuna.storages.BaseStorage, stale_after_s: float) -> list[int]:
-    """Fail RUNNING trials whose sweeper stopped stamping them and enqueue their parameters again."""
+    """Fail RUNNING trials whose sweeper is gone (same host) or stopped stamping them (another host), and enqueue
+    their parameters again."""
     now = time.time()
     retried = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = t.system_attrs.get(HEARTBEAT)
-        if beat is None or now - float(beat) <= stale_after_s:
+        why = stale_reason(t, stale_after_s, now)
+        if why is None:
             continue
         tid = trial_id(storage, study.study_name, t.number)
-        reason = (f"stale: its sweeper stopped (no heartbeat for {now - float(beat):.0f} s > stale_after_s="
-                  f"{stale_after_s:g}); retried with the same parameters")
+        reason = f"{why}; retried with the same parameters"
         if fail_trial(storage, tid, reason, **{STALE: True}):
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             retried.append(t.number)

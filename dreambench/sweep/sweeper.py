@@ -12,6 +12,9 @@ Semantics (docs/SWEEPS.md):
   surplus trials do not count, failed ones do);
 - a failed trial (exception, NaN, missing metric) is recorded FAIL with its reason (user attr `fail_reason`) and
   the study goes on, until more than `max_failure_rate * n_trials` trials have failed;
+- a configuration error stops the sweep with that error, exit code 2: checked once before any trial (the task's
+  `preflight` on the config of the first trials and the search space's corners), and should a trial still raise
+  one, it is recorded but not counted, so the fixed command goes on where the study was;
 - several sweepers may share one storage (journal file or PostgreSQL): each asks trials while the study is
   short of its target, and a trial asked past the target in a race is marked surplus and not run.
 """
@@ -31,13 +34,27 @@ from hydra.core.utils import JobReturn
 from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import Trial, TrialState
 
 from dreambench.sweep import space as space_mod
 from dreambench.sweep.objective import Objective, ObjectiveError
-from dreambench.sweep.study import (FAIL_REASON, STALE, SURPLUS, Heartbeat, counted, fail_trial, failed,
-                                    open_storage, recover_stale, storage_url, trial_id)
+from dreambench.sweep.study import (
+    CONFIG_ERROR,
+    FAIL_REASON,
+    OWNER,
+    STALE,
+    SURPLUS,
+    Heartbeat,
+    counted,
+    fail_trial,
+    failed,
+    open_storage,
+    recover_stale,
+    storage_url,
+    this_process,
+    trial_id,
+)
 
 log = logging.getLogger("dreambench.sweep")
 
@@ -46,23 +63,28 @@ class SweepStopped(HydraException):
     """The failure budget is spent: one line for the user, the study stays as it is."""
 
 
+class SweepConfigError(HydraException):
+    """The sweep's configuration is wrong (the sweeper's settings, or the trials' config): one line, exit 2."""
+
+
 class OptunaSweep:
     def __init__(self, study_name: str, metrics: str | Sequence[str], directions: str | Sequence[str],
                  n_trials: int = 20, n_jobs: int = 1, params: Mapping[str, str] | None = None,
                  storage: str | None = None, weights: Sequence[float] | None = None,
                  sampler: Mapping[str, Any] | None = None, max_failure_rate: float = 0.25,
                  heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
-                 enqueue: Sequence[Mapping[str, Any]] | None = None):
+                 enqueue: Sequence[Mapping[str, Any]] | None = None, preflight: str | None = None):
         if not study_name:
-            raise HydraException("hydra.sweeper.study_name is empty (set sweep.study_name)")
+            raise SweepConfigError("hydra.sweeper.study_name is empty (set sweep.study_name)")
         if int(n_trials) < 1 or int(n_jobs) < 1:
-            raise HydraException(f"hydra.sweeper: n_trials={n_trials} and n_jobs={n_jobs} must be >= 1")
+            raise SweepConfigError(f"hydra.sweeper: n_trials={n_trials} and n_jobs={n_jobs} must be >= 1")
         if not 0.0 <= float(max_failure_rate) <= 1.0:
-            raise HydraException(f"hydra.sweeper.max_failure_rate={max_failure_rate} must be within [0, 1]")
+            raise SweepConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} must be within [0, 1]")
         try:
             self.objective = Objective.build(_plain(metrics), _plain(directions), _plain(weights))
         except ValueError as e:
-            raise HydraException(str(e)) from None
+            raise SweepConfigError(str(e)) from None
+        self.preflight = preflight
         self.study_name, self.storage = str(study_name), storage
         self.n_trials, self.n_jobs = int(n_trials), int(n_jobs)
         self.params = _plain(params) or {}
@@ -72,10 +94,11 @@ class OptunaSweep:
         self.enqueue = _plain(enqueue) or []
         self.config: DictConfig | None = None
         self.launcher: Any = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
-        self.config = config
+        self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
                                                                 task_function=task_function, config=config)
 
@@ -87,7 +110,7 @@ class OptunaSweep:
                                     directions=self.objective.study_directions)
         wanted = [optuna.study.StudyDirection[d.upper()] for d in self.objective.study_directions]
         if list(study.directions) != wanted:
-            raise HydraException(
+            raise SweepConfigError(
                 f"study {self.study_name!r} in {_safe(url)} optimises {[d.name.lower() for d in study.directions]}, "
                 f"not {self.objective.study_directions}: use another sweep.study_name for another objective")
         n_before = len(study.trials)
@@ -105,9 +128,10 @@ class OptunaSweep:
         try:
             space, fixed = space_mod.parse(self.params, arguments)
         except ValueError as e:
-            raise HydraException(str(e)) from None
+            raise SweepConfigError(str(e)) from None
         if not space:
-            raise HydraException("the search space is empty: set hydra.sweeper.params (see conf/hparams_search/)")
+            raise SweepConfigError("the search space is empty: set hydra.sweeper.params (see conf/hparams_search/)")
+        self._preflight(space, fixed)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         from dreambench.resilience.hydra_redact import redacted_multirun_yaml
@@ -143,10 +167,39 @@ class OptunaSweep:
         self._summary(study, sweep_dir)
         return returns
 
+    def _preflight(self, space: dict, fixed: list[str]) -> None:
+        """Compose the trials' config at the first enqueued points and at the search space's two corners, and run
+        the task's check on each (`hydra.sweeper.preflight`, dreambench.train.preflight for training): a mistake
+        every trial would make stops the sweep here, before the study is opened or any trial is asked."""
+        if not self.preflight:
+            return
+        from hydra.utils import get_method
+
+        from dreambench.errors import UserError
+        check = get_method(self.preflight)
+        corners = [{k: _corner(d, hi) for k, d in space.items()} for hi in (False, True)]
+        points = [dict(p) for p in self.enqueue[:2]] + corners
+        loader = self.hydra_context.config_loader
+        for point in points:
+            overrides = fixed + [f"{k}={v!r}" for k, v in point.items()]
+            try:
+                job_cfg = loader.load_sweep_config(self.config, overrides)
+                with open_dict(job_cfg):  # as Hydra hands it to a job: without the hydra node
+                    del job_cfg["hydra"]
+                check(job_cfg)
+            except UserError as e:
+                where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+                raise SweepConfigError(f"{e} (checked before any trial, at {where}; the study is untouched)") from None
+            except HydraException as e:
+                raise SweepConfigError(f"{str(e).splitlines()[0]} (checked before any trial; the study is "
+                                       f"untouched)") from None
+
     def _ask(self, study: optuna.Study, storage: Any, space: dict, n: int) -> list[Trial]:
         batch = []
+        owner = this_process()
         for _ in range(n):
             trial = study.ask(fixed_distributions=space)
+            storage.set_trial_system_attr(trial._trial_id, OWNER, owner)  # noqa: SLF001 - the public id is this
             earlier = sum(counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
             if earlier >= self.n_trials:  # other workers filled the study between our count and this ask
                 fail_trial(storage, trial_id(storage, self.study_name, trial.number),
@@ -173,11 +226,14 @@ class OptunaSweep:
                 if fail_trial(storage, tid, f"stale: {why}; retried with the same parameters", **{STALE: True}):
                     study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             raise
-        for t, ret in zip(batch, results):
-            self._tell(study, t, ret)
+        config_errors = [e for t, ret in zip(batch, results) if (e := self._tell(study, storage, t, ret))]
+        if config_errors:
+            raise SweepConfigError(config_errors[0])
         return results
 
-    def _tell(self, study: optuna.Study, trial: Trial, ret: JobReturn) -> None:
+    def _tell(self, study: optuna.Study, storage: Any, trial: Trial, ret: JobReturn) -> str | None:
+        """Record one finished job in the study; the stopping line when it failed on a configuration error."""
+        from dreambench.errors import UserError
         run_dir = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir") if ret.hydra_cfg else None
         metrics = _read_metrics(run_dir)
         try:
@@ -194,7 +250,11 @@ class OptunaSweep:
                 trial.set_user_attr(FAIL_REASON, f"pruned: {e}")
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info("trial %d pruned: %s", trial.number, e)
-                return
+                return None
+            except UserError as e:  # the config, not the hyper-parameters: not counted, and the sweep stops
+                fail_trial(storage, trial._trial_id, f"config error: {e}", **{CONFIG_ERROR: True})  # noqa: SLF001
+                return (f"{e} (trial {trial.number}; a configuration error: recorded, not counted as a failed "
+                        f"trial; fix it and run the same command again)")
             except Exception as e:  # noqa: BLE001 - any failure of one trial is that trial's result
                 return self._fail(study, trial, f"{type(e).__name__}: {e}")
             try:
@@ -207,6 +267,7 @@ class OptunaSweep:
                                                                 zip(self.objective.metrics, _floats(raw))))
         except optuna.exceptions.UpdateFinishedTrialError:
             log.warning("trial %d was finished elsewhere (stale-failed by another worker?)", trial.number)
+        return None
 
     def _fail(self, study: optuna.Study, trial: Trial, reason: str) -> None:
         trial.set_user_attr(FAIL_REASON, reason[:2000])
@@ -229,6 +290,10 @@ class OptunaSweep:
             if counted(t) and t.state.name in states:
                 states[t.state.name] += 1
         log.info("study %r: %s", self.study_name, ", ".join(f"{v} {k.lower()}" for k, v in states.items()))
+        if states["RUNNING"]:
+            log.info("%d trial(s) still running in other sweepers (the study's target counts them; a sweeper that "
+                     "died on this host is noticed at once, on another host after hydra.sweeper.stale_after_s)",
+                     states["RUNNING"])
         try:
             best = study.best_trials
         except ValueError:
@@ -236,6 +301,13 @@ class OptunaSweep:
         for t in best[:10]:
             log.info("best trial %d: %s -> %s", t.number, t.params, t.values)
         log.info("compare: python -m analysis.compare %s", sweep_dir)
+
+
+def _corner(d: Any, high: bool) -> Any:
+    """The low or high end of an Optuna distribution (a categorical's first or last choice)."""
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return d.choices[-1 if high else 0]
+    return d.high if high else d.low
 
 
 def _plain(x: Any) -> Any:
