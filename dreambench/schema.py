@@ -115,6 +115,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("train.on_nonfinite", lambda v: v in ("stop", "skip"), "stop or skip"),
     ("guidance.num_inference_steps", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("threads", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "null or an integer >= 1"),
 ]
 
 

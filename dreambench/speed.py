@@ -86,8 +86,9 @@ def allow_clipping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 class FirstStepClock:
-    """Logs when the first training step starts: seconds since the process started (what a person reads) and
-    the unix time (what `make bench` reads to measure command -> first step from outside)."""
+    """Logs when the first training step starts: seconds since the process started, and the UTC clock time to
+    the millisecond (ISO 8601: what a person reads, and what `make bench` parses to time command -> first step
+    from outside)."""
 
     def __init__(self):
         self.done = False
@@ -95,8 +96,10 @@ class FirstStepClock:
     def __call__(self) -> None:
         if not self.done:
             self.done = True
-            import psutil  # installed with wandb; the process's own start time, not this module's import
+            from datetime import datetime, timezone
 
+            import psutil  # installed with wandb; the process's own start time, not this module's import
             now = time.time()
-            log.info("first training step %.1f s after the command started (at unix %.3f)",
-                     now - psutil.Process().create_time(), now)
+            stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            log.info("first training step %.1f s after the command started (at %s)",
+                     now - psutil.Process().create_time(), stamp)
