@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,25 +42,42 @@ class Plan:
 
 
 def prepare(cfg: DictConfig) -> Plan:
-    from hydra.utils import instantiate
-
-    from dreambench.data import dreambench as db
-    from dreambench.data.images import BadImageError, validate_image_folder
     from dreambench.memory import plan_for
-    from dreambench.models.loading import ModelNotFoundError, check_model_ref, config_source, resolve_model_ref
-
+    from dreambench.models.loading import config_source
     from dreambench.resilience import resolve_resume
     from dreambench.resilience.runs import run_dir_for_this_rank, warn_changed_settings
-    from dreambench.schema import validate
 
     check_missing(cfg, " (a DreamBench subject comes with +experiment=<subject>, e.g. +experiment=dog)")
-    validate(cfg)  # unknown keys, types, ranges (resolution a multiple of 8, lr > 0, ...): one UserError line
-    res = int(cfg.data.resolution)
+    validate_config(cfg)
     run_dir = run_dir_for_this_rank(cfg.paths.run_dir)
-    try:
+    with _user_errors():
         resume = resolve_resume(cfg.get("resume"), run_dir)
         if resume is not None:
             warn_changed_settings(resume, cfg)
+    subject, instance_paths, prior, ref = check_inputs(cfg)
+    with _user_errors():
+        # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
+        from hydra.utils import instantiate
+        memory = plan_for(cfg, config_source(ref, cfg.model.get("single_file_config")), instantiate(cfg.method))
+    return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    from dreambench.schema import validate
+    validate(cfg)  # unknown keys, types, ranges (resolution a multiple of 8, lr > 0, ...): one UserError line
+
+
+def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:
+    """The subject, its photos, the class-image source and the model reference, each checked: (subject,
+    instance photos, prior, model reference). Reads files; writes nothing outside the cache."""
+    from hydra.utils import instantiate
+
+    from dreambench.data import dreambench as db
+    from dreambench.data.images import validate_image_folder
+    from dreambench.models.loading import check_model_ref, resolve_model_ref
+
+    res = int(cfg.data.resolution)
+    with _user_errors():
         subject = None
         if cfg.data.instance_dir:
             folder = Path(cfg.data.instance_dir).expanduser()
@@ -73,16 +92,53 @@ def prepare(cfg: DictConfig) -> Plan:
         prior = instantiate(cfg.prior)
         prior.check(res)
         check_exports(cfg)
+        check_metric_encoders(cfg)
         ref = resolve_model_ref(cfg.model, cfg.paths.cache_dir)
-        single_file_config = cfg.model.get("single_file_config")
-        check_model_ref(ref, cfg.model.revision, single_file_config)
-        # Peak-memory estimate from the model's configs on the meta device; stops here if it cannot fit.
-        memory = plan_for(cfg, config_source(ref, single_file_config), instantiate(cfg.method))
+        check_model_ref(ref, cfg.model.revision, cfg.model.get("single_file_config"), bool(cfg.model.allow_pickle))
+    return subject, instance_paths, prior, ref
+
+
+def check_metric_encoders(cfg: DictConfig) -> None:
+    """With the drift monitor on (train.drift.every_n_steps > 0, as sweeps set it), its DINO and CLIP encoders
+    must be there: a local folder, a hub id in the cache or reachable, or tiny ones built on first use."""
+    from dreambench.models.loading import ModelNotFoundError, reachable
+
+    drift = OmegaConf.select(cfg, "train.drift.every_n_steps")
+    if not drift or int(drift) <= 0:
+        return
+    for name in ("dino", "clip"):
+        node = OmegaConf.select(cfg, f"metrics.{name}")
+        if node is None or node.get("tiny"):
+            continue
+        ref = str(node.get("name_or_path") or "")
+        why = reachable(ref, "config.json")
+        if why:
+            raise ModelNotFoundError(
+                f"metrics.{name}.name_or_path={ref}: {why}; the drift monitor (train.drift.every_n_steps={drift}) "
+                f"scores with it" + (" (with model=tiny use metrics=tiny: tiny encoders built on first use)"
+                                     if str(cfg.model.get("name", "")) == "tiny" else ""))
+
+
+def preflight(cfg: DictConfig) -> None:
+    """A sweep's check of its trials' config, once before any trial (hydra.sweeper.preflight): the mistakes
+    every trial would make (keys, values, data set, photos, class images, model) raise UserError here."""
+    check_missing(cfg, " (a DreamBench subject comes with +experiment=<subject>, e.g. +experiment=dog)")
+    validate_config(cfg)
+    check_inputs(cfg)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """The library's errors about the user's input, as UserError (one line, exit 2)."""
+    from dreambench.data import dreambench as db
+    from dreambench.data.images import BadImageError
+    from dreambench.models.loading import ModelNotFoundError
+    try:
+        yield
     except (db.DatasetNotFoundError, BadImageError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     except KeyError as e:  # unknown subject
         raise UserError(e.args[0]) from None
-    return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
 
 
 def check_exports(cfg: DictConfig) -> None:
@@ -127,13 +183,21 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from dreambench.models.loading import describe, load_components
     from dreambench.module import DreamBoothModule
     from dreambench.resilience import AtomicCheckpointIO, NumericsGuard, Preemption, checkpoint_step
-    from dreambench.resilience.runs import (RUN_DIR_ENV, FlushLoggersOnCheckpoint, continue_csv_logs,
-                                            launch_rank, redacted_argv)
+    from dreambench.resilience.runs import (
+        RUN_DIR_ENV,
+        FlushLoggersOnCheckpoint,
+        continue_csv_logs,
+        launch_rank,
+        redacted_argv,
+    )
     from dreambench.utils.io import atomic_dir, atomic_write_json, atomic_write_text
 
     t_start = time.time()
     plan = prepare(cfg)
     run_dir = plan.run_dir
+    from dreambench.utils.threads import configure_threads, ranks_on_this_node
+    threads, why = configure_threads(cfg.get("threads"), ranks_on_this_node(cfg.trainer))
+    log.info("torch threads: %d (%s; set threads=N to choose)", threads, why)
     plain = to_container(cfg)
     if launch_rank() == 0:  # DDP children write nothing to the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +229,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
     if SLURMEnvironment.detect():  # Lightning's requeue saves inside its signal handler: see resilience/preempt.py
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    if cfg.progress:  # "training 60/120 ... loss: 0.12", not Lightning's "Epoch 0/-2 ... v_num: lvq4"
+        from dreambench.callbacks.progress import progress_bar
+        callbacks.append(progress_bar())
     if not cfg.train.get("samples", True):  # train.samples=false: no grids at all, not even at start and end
         callbacks = [c for c in callbacks if not isinstance(c, SampleGrid)]
     drift = cfg.train.get("drift")
@@ -259,6 +326,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"dreambench: error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
+        if _sweep_trial(cfg):  # a failed trial, with this reason; the sweep goes on
+            raise
         print(f"dreambench: error: {e}", file=sys.stderr)
         sys.exit(4)
     if metrics.get("finished"):
@@ -282,4 +351,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from dreambench.cli import run
+    run(main)

@@ -1,6 +1,9 @@
+import contextlib
 import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +313,38 @@ def test_real_dreambench_photos():
     good = validate_image_folder(DATA / "dog", 512)
     expected = sorted(p.name for p in (DATA / "dog").iterdir() if not p.name.startswith("."))
     assert [p.name for p in good] == expected
+
+
+@contextlib.contextmanager
+def _as_nobody():
+    """Drop the effective uid to nobody (root reads any file whatever its mode); back to root afterwards."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_photo_is_named_and_skippable():
+    # Real permission bits: a photo its owner made unreadable. Kept outside pytest's tmp root (mode 700) so that
+    # the unprivileged user can reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="dreambench-unreadable-"))
+    try:
+        folder.chmod(0o755)
+        for i in range(2):
+            noise(64, 48, i).save(folder / f"ok{i}.png")
+            (folder / f"ok{i}.png").chmod(0o644)
+        noise(64, 48, 9).save(folder / "locked.png")
+        (folder / "locked.png").chmod(0o000)
+        with _as_nobody():
+            with pytest.raises(BadImageError) as e:
+                validate_image_folder(folder, MIN)
+            good = validate_image_folder(folder, MIN, on_bad="skip")
+        assert e.value.problems == [(folder / "locked.png", "cannot be read (Permission denied)")]
+        assert "set on_bad=skip" in str(e.value).splitlines()[0]
+        assert [p.name for p in good] == ["ok0.png", "ok1.png"]
+    finally:
+        shutil.rmtree(folder)

@@ -115,7 +115,9 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
     assert resolve_resume("auto", tmp_path / "run").name == "step=000008.ckpt"
     assert resolve_resume(str(tmp_path / "run"), tmp_path / "elsewhere").name == "step=000008.ckpt"
     assert resolve_resume("auto", tmp_path / "fresh") is None  # nothing yet: a fresh start
-    assert resolve_resume(None, tmp_path / "run") is None
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints\); a fresh run there would overwrite"):
+        resolve_resume(None, tmp_path / "run")  # a fresh start into a run's folder
+    assert resolve_resume(None, tmp_path / "fresh") is None
 
 
 def test_missing_or_corrupt_resume_path_is_one_line_error_before_models_load(tmp_path, monkeypatch):

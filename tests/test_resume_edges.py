@@ -43,6 +43,17 @@ def test_cli_resume_auto_on_a_finished_run_exits_0_with_one_line_and_writes_noth
     assert _files(finished) == before  # no .hydra/, no train.log line, no metrics.json rewrite
 
 
+def test_a_fresh_run_into_a_finished_run_folder_is_refused_and_writes_nothing(finished):
+    before = _files(finished)
+    r = run_cli("dreambench.train", [*COMMON, f"hydra.run.dir={finished}"], timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert line == (f"dreambench: error: {finished} already holds a run (metrics.json, model/, checkpoints); a "
+                    f"fresh run there would overwrite it: resume=auto continues it, or give the new run another "
+                    f"folder (hydra.run.dir=...)"), r.stderr
+    assert _files(finished) == before
+
+
 def test_resume_auto_without_a_checkpoint_never_starts_afresh_over_a_trained_model(tmp_path):
     from dreambench.errors import UserError
     from dreambench.train import train

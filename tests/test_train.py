@@ -82,10 +82,13 @@ def test_cli_run_with_wandb_offline(tmp_path):
     assert console.count("GPU available: False") == 1 and "GPU available: False" in (run / "train.log").read_text()
     for noise in ("💡 Tip", "requires torchvision", "module(s) in eval mode", "LeafSpec"):
         assert noise not in console, noise
-    # Start-up in seconds a person reads (it used to be a bare unix time), measured from the process's start.
-    after = float(re.search(r"first training step ([0-9.]+) s after the command started \(at unix [0-9.]+\)",
+    # Start-up in seconds a person reads (it used to be a bare unix time), measured from the process's start,
+    # and the clock time in UTC; the threads the run chose, and why.
+    after = float(re.search(r"first training step ([0-9.]+) s after the command started \(at 20[0-9-]+T[0-9:.]+Z\)",
                             console).group(1))
     assert 0 < after < time.monotonic() - started
+    assert re.search(r"torch threads: \d+ \(.*usable cores \(affinity \d+, cgroup quota .*\) / 1 rank on this "
+                     r"machine; set threads=N to choose\)", console) or "torch threads: 1 (OMP_NUM_THREADS" in console
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert _reload_and_generate(run / "model").size == (32, 32)
 
@@ -116,18 +119,44 @@ ERROR_CASES = {
                         "DreamBench data set not found at /nonexistent/dreambench"),
     "missing model": (["+experiment=dog", "model.pretrained=/nonexistent/sd15", "model.build_tiny=false"],
                       "model.pretrained=/nonexistent/sd15: no diffusers model folder there"),
-    "hub model offline": (["+experiment=dog", "model=sd15"], "cannot reach it on the hub nor in the local cache"),
+    "hub model offline": (["+experiment=dog", "model=sd15"], "download it once or point model.pretrained at a local"),
     "bad image": (["+experiment=dog", "data.instance_dir={bad}"], "broken.jpg: truncated or corrupt"),
     "photo instead of its folder": (["+experiment=dog", "data.instance_dir={bad}/good.png"],
                                     "instance images path is not a folder: "),
     "bad resolution": (["+experiment=dog", "data.resolution=30"], "data.resolution=30 must be a positive multiple of 8"),
+    # Hydra's own errors, as one line with what to type instead (dreambench/cli.py)
+    "misspelt key without +": (["+experiment=dog", "data.instnce_dir=/tmp"],
+                               "data.instnce_dir is not a config key: did you mean data.instance_dir?; to add a "
+                               "new key, prefix it with +: +data.instnce_dir=..."),
+    "unknown experiment": (["+experiment=dgo"], "unknown experiment 'dgo': did you mean dog"),
+    "unknown option": (["+experiment=dog", "optimizer=adam"], "unknown optimizer 'adam': did you mean adamw"),
+    "~ in a path": (["+experiment=dog", "data.instance_dir=~/photos/mug"],
+                    "'~' is not expanded there: write data.instance_dir=$HOME/photos/mug"),
+    "= in a checkpoint path": (["+experiment=dog", "resume=/x/checkpoints/step=000300.ckpt"],
+                               "a value holding '=' must be quoted inside the argument: "
+                               "'resume=\"/x/checkpoints/step=000300.ckpt\"'"),
+    "pickle-only model": (["+experiment=dog", "model.pretrained={pickled}", "model.build_tiny=false"],
+                          "unet, vae, text_encoder hold only pickle weights (.bin), which can run code when loaded"),
+    "bad threads": (["+experiment=dog", "threads=0"], "threads=0 must be null or an integer >= 1"),
 }
+
+
+def _pickled_model(folder: Path) -> Path:
+    """A diffusers folder whose weights are pickle files only (contents never read: refused before loading)."""
+    (folder / "model_index.json").parent.mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for sub in ("unet", "vae", "text_encoder"):
+        (folder / sub).mkdir()
+        (folder / sub / "config.json").write_text("{}")
+        (folder / sub / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    return folder
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_bad_input_is_one_clear_line_before_any_model_loads(case, tmp_path):
     overrides, expected = ERROR_CASES[case]
     overrides = [o.format(bad=_bad_images(tmp_path / "photos")) if "{bad}" in o else o for o in overrides]
+    overrides = [o.format(pickled=_pickled_model(tmp_path / "sd")) if "{pickled}" in o else o for o in overrides]
     cache = tmp_path / "cache"
     base = [o for o in TINY if not (case == "hub model offline" and o == "model=tiny")]
     r = run_cli("dreambench.train", [*overrides, *base, f"hydra.run.dir={tmp_path / 'run'}"],

@@ -108,7 +108,10 @@ def _sha256(path: Path) -> str:
 
 
 def _problem(path: Path, min_size: int, first_with_hash: dict[str, Path]) -> str | None:
-    digest = _sha256(path)
+    try:
+        digest = _sha256(path)
+    except OSError as e:  # no read permission, a file on a vanished mount, ...
+        return f"cannot be read ({e.strerror or type(e).__name__})"
     if digest in first_with_hash:
         # Same bytes twice would silently double that photo's weight in a 3-5 image training set.
         return f"exact duplicate of {first_with_hash[digest].name}"

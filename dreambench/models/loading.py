@@ -67,8 +67,10 @@ def load_single_file_pipeline(ref: str, single_file_config: str | None = None, a
                                  f"diffusers folder of the same architecture> gives diffusers its configs)") from None
 
 
-def check_model_ref(ref: str, revision: str | None = None, single_file_config: str | None = None) -> None:
-    """Fail fast, before anything heavy is loaded, on a model that is not there."""
+def check_model_ref(ref: str, revision: str | None = None, single_file_config: str | None = None,
+                    allow_pickle: bool = True) -> None:
+    """Fail fast, before anything heavy is loaded, on a model that is not there (or, with allow_pickle=False, a
+    local folder whose weights are pickle files only)."""
     if not ref:
         raise ModelNotFoundError("model.pretrained is empty: give a hub id or a local diffusers folder")
     if is_single_file(ref):
@@ -82,14 +84,52 @@ def check_model_ref(ref: str, revision: str | None = None, single_file_config: s
         if not (p / "model_index.json").is_file() and not (p / "unet" / "config.json").is_file():
             raise ModelNotFoundError(f"model.pretrained={ref}: no diffusers model folder there "
                                      f"(expected model_index.json and unet/, vae/, text_encoder/, tokenizer/)")
+        if not allow_pickle:
+            pickled = [d for d in ("unet", "vae", "text_encoder") if (p / d).is_dir()
+                       and not any((p / d).glob("*.safetensors")) and any((p / d).glob("*.bin"))]
+            if pickled:
+                raise ModelNotFoundError(
+                    f"model.pretrained={ref}: {', '.join(pickled)} hold only pickle weights (.bin), which can run "
+                    f"code when loaded; convert them to safetensors, or set model.allow_pickle=true for a model "
+                    f"you trust")
         return
-    from huggingface_hub import hf_hub_download
-    try:  # a few KB; with no network and no cache this fails in seconds instead of mid-run
-        hf_hub_download(ref, "model_index.json", revision=revision)
+    why = _hub_file(ref, "model_index.json", revision)  # a few KB: fails now instead of mid-run
+    if why:
+        raise ModelNotFoundError(f"model.pretrained={ref}: {why}; download it once or point model.pretrained at "
+                                 f"a local diffusers folder")
+
+
+def reachable(ref: str, filename: str) -> str | None:
+    """None when `ref` is a local folder holding `filename` or a hub repo whose `filename` is cached or can be
+    downloaded (a few KB); else why not, in a few words."""
+    if _looks_local(ref):
+        p = Path(ref).expanduser()
+        return None if (p / filename).is_file() else f"no {filename} in that folder"
+    return _hub_file(ref, filename)
+
+
+def _hub_file(ref: str, filename: str, revision: str | None = None) -> str | None:
+    """None when `filename` of hub repo `ref` is in the local cache or downloads; else why not. Without a
+    network the answer comes at once: huggingface_hub would retry five times, about 30 s, printing each."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    cached = try_to_load_from_cache(ref, filename, revision=revision)
+    if isinstance(cached, str):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local cache, and HF_HUB_OFFLINE is set"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"not in the local cache, and {host} cannot be reached (no network?)"
+    try:
+        hf_hub_download(ref, filename, revision=revision)
     except Exception as e:  # noqa: BLE001
-        raise ModelNotFoundError(f"model.pretrained={ref}: cannot reach it on the hub nor in the local cache "
-                                 f"({e.__class__.__name__}); download it once or point model.pretrained at a "
-                                 f"local diffusers folder") from None
+        return f"cannot reach it on the hub nor in the local cache ({e.__class__.__name__})"
+    return None
 
 
 def model_identity(ref: str, revision: str | None, variant: str | None) -> dict[str, Any]:

@@ -84,11 +84,30 @@ def finished_and_left_alone(resume: Any, run_dir: str | Path) -> int | None:
     return finished_steps(run_dir) if is_auto(resume) else None
 
 
+def is_fresh(resume: Any) -> bool:
+    """resume=null (or false, none, ""): a fresh start."""
+    return resume is None or resume is False or str(resume).strip().lower() in ("", "none", "null", "false")
+
+
+def run_held(run_dir: str | Path) -> list[str]:
+    """What of a run `run_dir` holds that a fresh start would overwrite: metrics.json, model/, checkpoints."""
+    run = Path(run_dir)
+    return [name for name, there in (("metrics.json", (run / "metrics.json").is_file()),
+                                     ("model/", (run / "model").exists()),
+                                     ("checkpoints", find_latest_checkpoint(run / "checkpoints") is not None))
+            if there]
+
+
 def resolve_resume(value: Any, run_dir: str | Path) -> Path | None:
     """`resume`: null (fresh start) | auto (newest complete checkpoint of <run_dir>/checkpoints, or a fresh
     start if there is none) | a checkpoint file | a run or checkpoints folder. Raises ValueError naming the
-    problem, before any model loads."""
-    if value is None or value is False or str(value).strip().lower() in ("", "none", "null", "false"):
+    problem, before any model loads. A fresh start into a folder that holds a run (finished, trained or
+    checkpointed) is refused too: it would overwrite that run."""
+    if is_fresh(value):
+        held = run_held(run_dir)
+        if held:
+            raise ValueError(f"{run_dir} already holds a run ({', '.join(held)}); a fresh run there would overwrite "
+                             f"it: resume=auto continues it, or give the new run another folder (hydra.run.dir=...)")
         return None
     if is_auto(value):
         found = find_latest_checkpoint(Path(run_dir) / "checkpoints")

@@ -146,7 +146,7 @@ class RedactHydraOutput(Callback):
             return
         from dreambench.errors import UserError
         from dreambench.resilience import lock
-        from dreambench.resilience.checkpoint import finished_and_left_alone
+        from dreambench.resilience.checkpoint import finished_and_left_alone, is_fresh, run_held
         run = Path(config.hydra.runtime.output_dir)
         try:
             lock.acquire(run)  # before the first write; train() takes the same lock (reentrant) and reports a refusal
@@ -154,6 +154,8 @@ class RedactHydraOutput(Callback):
             return  # another run owns the folder: its .hydra files are not ours to overwrite
         if finished_and_left_alone(OmegaConf.select(config, "resume"), run) is not None:
             return  # a finished run: resume=auto leaves every file of it as it is
+        if is_fresh(OmegaConf.select(config, "resume")) and run_held(run):
+            return  # a fresh run into a run's folder: refused by train() with one line; the folder stays as it is
         for name, text in redacted_hydra_files(config).items():
             atomic_write_text(run / self.subdir / name, text)
 
