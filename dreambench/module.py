@@ -27,6 +27,9 @@ class DreamBoothModule(L.LightningModule):
     def __init__(self, components: Components, cfg: DictConfig, instance_paths: list[Path], prior: Any,
                  identifier: str, method: Any, subject: Any = None):
         super().__init__()
+        if cfg.model.get("zero_terminal_snr"):  # the training schedule and every sampler built from its config
+            from dreambench.models.loading import with_zero_terminal_snr
+            components = with_zero_terminal_snr(components)
         # No save_hyperparameters: it would embed the modules in every checkpoint.
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer = components.tokenizer
@@ -62,6 +65,14 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator: torch.Generator | None = None
         self._draw_tables: dict[tuple[int, int], torch.Tensor] = {}  # see _indices
         self._pending_rng: dict[str, Any] | None = None
+        # Loss switches (conf `loss`); absent keys (an old run's config) mean off.
+        lc = dict(cfg.get("loss") or {})
+        self.loss_cfg = {"min_snr_gamma": lc.get("min_snr_gamma"), "noise_offset": float(lc.get("noise_offset") or 0),
+                         "input_perturbation": float(lc.get("input_perturbation") or 0)}
+        # EMA of the trained weights (train.ema): made in setup(), on the training device, from the weights there.
+        self.ema_cfg = dict(cfg.train.get("ema") or {})
+        self.ema = None
+        self._pending_ema: dict[str, Any] | None = None
 
     # ---- set-up: class images, cached latents and text embeddings -------------------------------------
     def setup(self, stage: str) -> None:
@@ -100,6 +111,8 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
         log.info("instance prompt %r, class prompt %r, %d instance / %d class latents", self.instance_prompt,
                  self.class_prompt, len(self.instance_bank), len(self.class_bank) if self.class_bank else 0)
+        if self.ema_cfg.get("enabled"):
+            self.ema = self._make_ema()
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
 
@@ -136,7 +149,8 @@ class DreamBoothModule(L.LightningModule):
                               make_scheduler(g["scheduler"], self.components.scheduler_config))
 
     # ---- training -----------------------------------------------------------------------------------------
-    def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """(latents [instance; class], conditioning, number of instance samples, latent loss mask or None)."""
         cfg = self.run_cfg
         accum = max(1, int(self.trainer.accumulate_grad_batches))
         b = int(cfg.data.batch_size)
@@ -159,7 +173,7 @@ class DreamBoothModule(L.LightningModule):
             cond = torch.cat(embs)
         else:
             cond = self.text_encoder(torch.cat(ids))[0]
-        return latents, cond, b
+        return latents, cond, b, None
 
     def _indices(self, n: int, seed: int, base: int, b: int) -> torch.Tensor:
         """draw_indices for positions base..base+b-1, sliced from the whole run's table, made once on the latents'
@@ -174,20 +188,85 @@ class DreamBoothModule(L.LightningModule):
         return table[base:base + b]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        latents, cond, n_inst = self._draw(batch_idx)
+        latents, cond, n_inst, mask = self._draw(batch_idx)
         g = self.noise_generator
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
                           device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        # The loss switches (conf `loss`, docs/TOOLBOX.md) draw from the same generator, after noise and t, and only
+        # when on: a run with all of them off draws exactly what it drew before they existed.
+        lc = self.loss_cfg
+        if lc["noise_offset"]:
+            noise = noise + losses.offset_noise(latents.shape, lc["noise_offset"], g, latents.device, latents.dtype)
+        model_noise = noise
+        if lc["input_perturbation"]:  # Ning et al. 2023: the UNet sees noise + γ·ξ, the target keeps `noise`
+            model_noise = noise + lc["input_perturbation"] * torch.randn(latents.shape, generator=g,
+                                                                        device=latents.device, dtype=latents.dtype)
+        noisy = self.noise_scheduler.add_noise(latents, model_noise, t)
         pred = self.unet(noisy, t, cond).sample
         target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
-        loss, loss_inst, loss_prior = losses.prior_preservation_loss(pred, target, n_inst, self.prior.weight)
+        weights = None
+        if lc["min_snr_gamma"] is not None:
+            weights = losses.min_snr_weights(losses.snr(self.alphas_cumprod, t), lc["min_snr_gamma"],
+                                             self.prediction_type)
+        loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss_instance", loss_inst)
         if self.class_bank is not None:
             self.log("train/loss_prior", loss_prior)
         return loss
+
+    # ---- EMA of the trained weights (train.ema) ------------------------------------------------------------------
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        """What EMA averages: exactly the trained parameters (UNet, text encoder if trained, LoRA adapters, the
+        textual-inversion embedding), in module order."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _make_ema(self):
+        # diffusers' EMAModel (training_utils), as its train_text_to_image.py `--use_ema` uses it: decay warm-up
+        # (1 + n) / (10 + n) capped at `decay`, or crowsonkb's 1 - (1 + n / inv_gamma)^-power with `warmup`;
+        # n counts EMA updates after `update_after_step` of them.
+        from diffusers.training_utils import EMAModel
+        c = self.ema_cfg
+        ema = EMAModel(self.ema_parameters(), decay=float(c.get("decay", 0.9999)),
+                       min_decay=float(c.get("min_decay", 0.0)), update_after_step=int(c.get("update_after_step", 0)),
+                       use_ema_warmup=bool(c.get("warmup", False)), inv_gamma=float(c.get("inv_gamma", 1.0)),
+                       power=float(c.get("power", 2 / 3)), foreach=False)
+        if self._ema_offloaded():
+            ema.to("cpu")
+        return ema
+
+    def _ema_offloaded(self) -> bool:
+        return str(self.ema_cfg.get("device", "same")) == "cpu"
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint, preemption) run before
+        # the module's, so a checkpoint of step N would miss step N's EMA update and resume would not be exact.
+        # global_step counts this step only after optimizer_step returns, hence + 1.
+        if self.ema is not None and (self.global_step + 1) % int(self.ema_cfg.get("every_n_steps", 1)) == 0:
+            params = self.ema_parameters()
+            if self._ema_offloaded():  # as diffusers' --offload_ema: to the device for the update, then back
+                self.ema.to(params[0].device)
+                self.ema.step(params)
+                self.ema.to("cpu")
+            else:
+                self.ema.step(params)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones inside the block (samples, drift metrics, export), the
+        trained ones back bit for bit after it. A no-op with EMA off."""
+        if self.ema is None:
+            yield
+            return
+        params = self.ema_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     def configure_optimizers(self):
         cfg = self.run_cfg
@@ -218,6 +297,10 @@ class DreamBoothModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
         # Exact resume: python/numpy/torch global RNGs and the noise generator, of every rank.
         checkpoint["dreambench_rng"] = resilience.gather_rng(self.trainer, self.noise_generator)
+        if self.ema is not None:
+            ema = self.ema.state_dict()
+            ema["shadow_params"] = [p.detach().clone() for p in ema["shadow_params"]]
+            checkpoint["dreambench_ema"] = ema
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs after setup() (Lightning restores after it), so the noise generator exists and the class images
@@ -226,8 +309,22 @@ class DreamBoothModule(L.LightningModule):
         # the resumed run draws from the global torch RNG; the uninterrupted run made no grid at this step).
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._pending_rng = resilience.rank_state(checkpoint.get("dreambench_rng"), rank)
+        if self.ema is not None:
+            if "dreambench_ema" in checkpoint:
+                state = checkpoint["dreambench_ema"]
+                # load_state_dict keeps the checkpoint's tensors: put them where this run keeps its EMA.
+                dev = torch.device("cpu") if self._ema_offloaded() else self.ema.shadow_params[0].device
+                state = {**state, "shadow_params": [p.to(dev) for p in state["shadow_params"]]}
+                self.ema.load_state_dict(state)
+            else:  # a checkpoint of a run without EMA: start the average from the restored weights
+                log.warning("train.ema.enabled=true but the checkpoint holds no EMA: the average starts from its "
+                            "weights at step %s", checkpoint.get("global_step"))
+                self._pending_ema = {"from_weights": True}
 
     def on_train_start(self) -> None:
+        if self._pending_ema is not None:  # the trained weights are restored by now (not yet in on_load_checkpoint)
+            self.ema = self._make_ema()
+            self._pending_ema = None
         if self._pending_rng is not None:
             resilience.restore_rng(self._pending_rng, self.noise_generator)
             self._pending_rng = None
@@ -244,4 +341,5 @@ class DreamBoothModule(L.LightningModule):
         """The method's artefact: a diffusers pipeline folder (dreambooth), adapter weights (lora), an
         embedding file (textual inversion)."""
         speed.restore_frozen(self)  # the base model's own fp32 VAE / text encoder, not a bf16 round trip
-        self.method.export(self, folder)
+        with self.ema_weights():  # train.ema: the averaged weights are the run's model
+            self.method.export(self, folder)

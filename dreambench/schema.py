@@ -65,6 +65,27 @@ class ModelSchema:
     license: str | None = None
     single_file_config: str | None = None
     vae_fp32: Any = "auto"
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class EMASchema:
+    enabled: bool = False
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    every_n_steps: int = 1
+    device: str = "same"
+
+
+@dataclass
+class LossSchema:
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
 
 
 @dataclass
@@ -78,6 +99,7 @@ class TrainSchema:
     export_model: bool = True
     export: list[str] = field(default_factory=lambda: ["diffusers"])
     on_nonfinite: str = "stop"
+    ema: EMASchema = field(default_factory=EMASchema)
 
 
 @dataclass
@@ -86,11 +108,13 @@ class GuidanceSchema:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     negative_prompt: str | None = ""
+    guidance_rescale: float = 0.0
     height: int = 512
     width: int = 512
 
 
-SCHEMAS: dict[str, type] = {"data": DataSchema, "model": ModelSchema, "train": TrainSchema, "guidance": GuidanceSchema}
+SCHEMAS: dict[str, type] = {"data": DataSchema, "model": ModelSchema, "train": TrainSchema, "guidance": GuidanceSchema,
+                            "loss": LossSchema}
 
 # (key, test, what it must be): value rules on the resolved config; a key that is absent or null is not checked.
 RULES: list[tuple[str, Any, str]] = [
@@ -115,6 +139,17 @@ RULES: list[tuple[str, Any, str]] = [
     ("train.on_nonfinite", lambda v: v in ("stop", "skip"), "stop or skip"),
     ("guidance.num_inference_steps", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("guidance.guidance_rescale", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    ("loss.min_snr_gamma", lambda v: v > 0, "> 0 (or null = off; 5.0 in Hang et al. 2023)"),
+    ("loss.noise_offset", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("loss.input_perturbation", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.ema.decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.min_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.update_after_step", lambda v: v >= 0, ">= 0"),
+    ("train.ema.inv_gamma", lambda v: v > 0, "> 0"),
+    ("train.ema.power", lambda v: v > 0, "> 0"),
+    ("train.ema.every_n_steps", lambda v: v >= 1, ">= 1"),
+    ("train.ema.device", lambda v: v in ("same", "cpu"), "same or cpu"),
 ]
 
 
@@ -223,6 +258,16 @@ def _plain(node: Any) -> Any:
         return out
 
 
+def _check_fields(prefix: str, node: dict, schema: type, mistyped: set[str]) -> list[str]:
+    hints = typing.get_type_hints(schema)
+    found = _unknown(f"{prefix}.", list(node), set(hints))
+    for k, v in node.items():
+        if k in hints and v != "???" and not _type_ok(v, hints[k]):
+            found.append(f"{prefix}.{k}={v!r} should be {_type_name(hints[k])}")
+            mistyped.add(f"{prefix}.{k}")
+    return found
+
+
 def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
     conf_dir = str(conf_dir)
     raw = OmegaConf.to_container(cfg, resolve=False)
@@ -248,6 +293,12 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
         if schema is not None:
             hints = typing.get_type_hints(schema)
             for k, v in node.items():
+                if k in hints and dataclasses.is_dataclass(hints[k]):  # a nested section, e.g. train.ema
+                    if isinstance(v, dict):
+                        found += _check_fields(f"{group}.{k}", v, hints[k], mistyped)
+                    elif v is not None:
+                        found.append(f"{group}.{k}={v!r} should be a section ({', '.join(typing.get_type_hints(hints[k]))})")
+                    continue
                 if k in hints and v != "???" and not _type_ok(v, hints[k]):
                     found.append(f"{group}.{k}={v!r} should be {_type_name(hints[k])}")
                     mistyped.add(f"{group}.{k}")

@@ -1,0 +1,252 @@
+"""The training toolbox (docs/TOOLBOX.md): each switch is off by default, and on it does what its source says —
+checked against a hand computation that the switch turned off (or wired wrongly) fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import TINY, compose, torch_threads
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def build(run_dir: Path, *extra: str):
+    """A DreamBoothModule as train() builds it (tiny model, the dog's photos, cached class images), attached to a
+    CPU Trainer, setup() run."""
+    from hydra.utils import instantiate
+
+    from dreambench.models.loading import load_components
+    from dreambench.module import DreamBoothModule
+    from dreambench.train import prepare
+    cfg = compose(["+experiment=dog", *TINY, "logger=none", f"paths.run_dir={run_dir}", *extra])
+    plan = prepare(cfg)
+    comps = load_components(plan.model_ref, prediction_type=cfg.model.prediction_type)
+    module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, "sks", instantiate(cfg.method))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(cfg.trainer.max_steps), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module.trainer = trainer
+    module.setup("fit")
+    module.log = lambda *a, **k: None  # no fit loop to log into here
+    return module, cfg
+
+
+# ---- pure functions ----------------------------------------------------------------------------------------------
+
+def _sched(pt: str, **kw):
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=pt, **kw)
+
+
+def test_snr_is_diffusers_compute_snr():
+    from diffusers.training_utils import compute_snr
+
+    from dreambench.losses import snr
+    s = _sched("epsilon")
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(snr(s.alphas_cumprod, t), compute_snr(s, t))
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction"])
+def test_min_snr_weights_by_hand(pt):
+    from dreambench.losses import min_snr_weights
+    snr_t = torch.tensor([0.01, 1.0, 5.0, 100.0])
+    w = min_snr_weights(snr_t, 5.0, pt)
+    # by hand, Hang et al. 2023: min(SNR, γ) / SNR for ε, min(SNR, γ) / (SNR + 1) for v
+    hand = {"epsilon": [1.0, 1.0, 1.0, 0.05], "v_prediction": [0.01 / 1.01, 0.5, 5 / 6, 5 / 101]}[pt]
+    torch.testing.assert_close(w, torch.tensor(hand))
+
+
+def test_weighted_loss_by_hand_and_identical_when_off():
+    from dreambench.losses import prior_preservation_loss, weighted_loss
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 2, 2, generator=g), torch.randn(4, 4, 2, 2, generator=g)
+    w = torch.tensor([1.0, 0.5, 2.0, 0.25])
+    mask = torch.rand(4, 1, 2, 2, generator=g)
+    loss, inst, prior = weighted_loss(pred, target, 2, 0.7, w, mask)
+    per = [(mask[i] * (pred[i] - target[i]) ** 2).sum() / 16 * w[i] for i in range(4)]  # mean over c, h, w
+    torch.testing.assert_close(inst, (per[0] + per[1]) / 2)
+    torch.testing.assert_close(prior, (per[2] + per[3]) / 2)
+    torch.testing.assert_close(loss, inst + 0.7 * prior)
+    off = weighted_loss(pred, target, 2, 0.7)
+    for a, b in zip(off, prior_preservation_loss(pred, target, 2, 0.7)):
+        assert torch.equal(a, b)
+
+
+# ---- the switches in the training step ---------------------------------------------------------------------------
+
+def _step_by_hand(module, state, *, gamma=None, offset=0.0, perturb=0.0) -> torch.Tensor:
+    """training_step's loss redone from the generator state it started from, the switches written out by hand
+    (diffusers' train_text_to_image.py: --snr_gamma, --noise_offset, --input_perturbation)."""
+    from dreambench.data.latents import draw_indices
+    g = torch.Generator().set_state(state)
+    seed = int(module.run_cfg.seed)
+    inst = module.instance_bank.sample(torch.tensor(draw_indices(len(module.instance_bank), seed, [0])), g)
+    cls = module.class_bank.sample(torch.tensor(draw_indices(len(module.class_bank), seed + 1, [0])), g)
+    x0 = torch.cat([inst, cls])
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    if offset:
+        noise = noise + offset * torch.randn((2, x0.shape[1], 1, 1), generator=g)
+    noise_in = noise + perturb * torch.randn(x0.shape, generator=g) if perturb else noise
+    a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise_in
+    pred = module.unet(noisy, t, torch.cat([module.instance_emb, module.class_emb])).sample
+    v = module.prediction_type == "v_prediction"
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
+    per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    if gamma is not None:
+        snr = a.view(-1) / (1 - a.view(-1))
+        per = per * torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1 if v else snr)
+    return per[0] + float(module.prior.weight) * per[1], g
+
+
+@pytest.mark.parametrize("switch,kw,pt", [
+    ("loss.min_snr_gamma=0.5", dict(gamma=0.5), "epsilon"),
+    ("loss.min_snr_gamma=0.5", dict(gamma=0.5), "v_prediction"),
+    ("loss.noise_offset=0.5", dict(offset=0.5), "epsilon"),
+    ("loss.input_perturbation=0.5", dict(perturb=0.5), "epsilon"),
+    ("loss.input_perturbation=0.5", dict(perturb=0.5), "v_prediction"),
+])
+def test_loss_switch_matches_the_hand_computation(switch, kw, pt, tmp_path):
+    module, _ = build(tmp_path / "run", switch, f"model.prediction_type={pt}", "prior.weight=0.7")
+    state = module.noise_generator.get_state()
+    with torch.no_grad():
+        loss = module.training_step(None, 0)
+        hand, g = _step_by_hand(module, state, **kw)
+        plain, _ = _step_by_hand(module, state)  # the switch forgotten
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-7)
+    assert torch.equal(g.get_state(), module.noise_generator.get_state())  # and drew what the hand drew
+    assert not torch.allclose(loss, plain, rtol=1e-3)  # the check can tell the switch on from off
+
+
+def test_all_switches_off_draw_and_compute_exactly_as_before(tmp_path):
+    module, _ = build(tmp_path / "run")
+    state = module.noise_generator.get_state()
+    with torch.no_grad():
+        loss = module.training_step(None, 0)
+        hand, g = _step_by_hand(module, state)
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-7)
+    # latents, noise and timesteps, nothing more: a run with every switch off is the run from before them
+    assert torch.equal(g.get_state(), module.noise_generator.get_state())
+
+
+# ---- zero terminal SNR ---------------------------------------------------------------------------------------------
+
+def test_zero_terminal_snr_rescales_training_sampling_and_export(tmp_path):
+    from diffusers import DDIMScheduler
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    module, _ = build(tmp_path / "run", "model.prediction_type=v_prediction", "model.zero_terminal_snr=true")
+    plain, _ = build(tmp_path / "plain", "model.prediction_type=v_prediction")
+    # training: the last timestep is pure noise (SNR 0), the betas are diffusers' rescale_zero_terminal_snr
+    assert module.alphas_cumprod[-1].item() == 0.0 and plain.alphas_cumprod[-1].item() > 0
+    torch.testing.assert_close(module.noise_scheduler.betas, rescale_zero_terminal_snr(plain.noise_scheduler.betas))
+    # sampling and the exported model: trailing timesteps from the last one, rescaled betas
+    sched = module.sampling_pipeline().scheduler
+    assert isinstance(sched, DDIMScheduler) and sched.config.rescale_betas_zero_snr
+    sched.set_timesteps(4)
+    assert int(sched.timesteps[0]) == 999
+    module.export(tmp_path / "model")
+    cfg = DDIMScheduler.load_config(tmp_path / "model", subfolder="scheduler")
+    assert cfg["rescale_betas_zero_snr"] is True and cfg["timestep_spacing"] == "trailing"
+    # min-SNR's v form at SNR 0 is finite (weight 0), so the two switches combine
+    from dreambench.losses import min_snr_weights, snr
+    assert min_snr_weights(snr(module.alphas_cumprod, torch.tensor([999])), 5.0, "v_prediction").item() == 0.0
+
+
+def test_zero_terminal_snr_refuses_an_epsilon_model(tmp_path):
+    from dreambench.errors import UserError
+    with pytest.raises(UserError, match="zero_terminal_snr=true needs a v-prediction model"):
+        build(tmp_path / "run", "model.zero_terminal_snr=true")
+
+
+def test_guidance_rescale_reaches_the_pipeline_and_the_class_image_key():
+    from dreambench.prior.cache import ClassImageSpec, cache_key
+    from dreambench.sampling import generate
+    seen = {}
+
+    class Pipe:
+        def __call__(self, **kw):
+            seen.update(kw)
+            return type("R", (), {"images": [None] * len(kw["prompt"])})()
+    g = {"num_inference_steps": 2, "guidance_scale": 5.0}
+    generate(Pipe(), ["a"], [0], g, progress=False)
+    assert seen["guidance_rescale"] == 0.0
+    generate(Pipe(), ["a"], [0], {**g, "guidance_rescale": 0.7}, progress=False)
+    assert seen["guidance_rescale"] == 0.7
+    base = dict(model={"m": 1}, prompt="a dog", negative_prompt="", scheduler="DDIMScheduler")
+    assert "guidance_rescale" not in ClassImageSpec(**base).as_dict()  # off: every existing cache key unchanged
+    assert cache_key(ClassImageSpec(**base, guidance_rescale=0.7)) != cache_key(ClassImageSpec(**base))
+
+
+# ---- EMA of the trained weights ----------------------------------------------------------------------------------
+
+def _ema_run(run: Path, monkeypatch, *extra: str) -> tuple[dict, dict[int, list[torch.Tensor]], list]:
+    """A 6-step run with EMA; returns its final checkpoint, the trained weights after every optimizer step, and the
+    UNet weight each sample grid was drawn with."""
+    from dreambench.callbacks import samples
+    from dreambench.module import DreamBoothModule
+    from dreambench.resilience.checkpoint import AtomicCheckpointIO
+    from dreambench.train import train
+    after: dict[int, list[torch.Tensor]] = {}
+    original = DreamBoothModule.on_train_batch_end
+
+    def record(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        after[self.global_step] = [p.detach().clone() for p in self.ema_parameters()]
+    monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", record)
+    grids = []
+
+    def fake_generate(pipe, prompts, seeds, guidance, **kw):
+        grids.append(next(pipe.unet.parameters()).detach().clone())
+        from PIL import Image
+        return [Image.new("RGB", (32, 32))] * len(prompts)
+    monkeypatch.setattr(samples, "generate", fake_generate)
+    train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "trainer.max_steps=6",
+                   "train.checkpoint_every_n_steps=6", "train.ema.enabled=true", *extra]))
+    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    return AtomicCheckpointIO().load_checkpoint(ckpt), after, grids
+
+
+def test_ema_is_the_hand_computed_average_and_is_what_samples_and_export_use(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    # decay = min_decay = 0.6 pins the decay after the first update (diffusers' first update copies, decay 0);
+    # every 2nd step: updates after steps 2, 4 and 6
+    ckpt, w, grids = _ema_run(run, monkeypatch, "train.ema.decay=0.6", "train.ema.min_decay=0.6",
+                              "train.ema.every_n_steps=2")
+    hand = [0.36 * a + 0.24 * b + 0.4 * c for a, b, c in zip(w[2], w[4], w[6])]  # e=w2; e=.6e+.4w4; e=.6e+.4w6
+    shadow = ckpt["dreambench_ema"]["shadow_params"]
+    assert ckpt["dreambench_ema"]["optimization_step"] == 3
+    for s, h in zip(shadow, hand):
+        torch.testing.assert_close(s, h)
+    names = [k for k in ckpt["state_dict"]]  # the trained weights (all UNet weights for dreambooth), module order
+    assert len(names) == len(shadow)
+    assert not all(torch.equal(ckpt["state_dict"][k], s) for k, s in zip(names, shadow))  # EMA != last weights
+    exported = load_file(run / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    for k, s in zip(names, shadow):
+        assert torch.equal(exported[k.removeprefix("unet.")], s), k  # the exported model is the average
+    # the last sample grid was drawn with the average, not with the trained weights
+    assert torch.equal(grids[-1], shadow[0]) and not torch.equal(grids[-1], w[6][0])
+
+
+def test_ema_weights_swap_in_and_back_bit_for_bit_and_offload_to_cpu(tmp_path):
+    module, _ = build(tmp_path / "run", "train.ema.enabled=true", "train.ema.device=cpu")
+    params = module.ema_parameters()
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)  # the trained weights move away from the average
+    trained = [p.detach().clone() for p in params]
+    assert all(s.device.type == "cpu" for s in module.ema.shadow_params)
+    with module.ema_weights():
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    off, _ = build(tmp_path / "off")
+    assert off.ema is None  # off by default
