@@ -37,6 +37,20 @@ class DreamBoothModule(L.LightningModule):
         self.components = components
         self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
         self.instance_paths = list(instance_paths)
+        # Validation loss (train.val_loss): the last `holdout` photos (name order) are kept out of training for it.
+        self.val_cfg = dict(cfg.train.get("val_loss") or {})
+        k = int(self.val_cfg.get("holdout") or 0)
+        self.val_paths: list[Path] = []
+        if k:
+            if k >= len(self.instance_paths):
+                from dreambench.errors import UserError
+                raise UserError(f"train.val_loss.holdout={k} would leave no photo to train on (the subject has "
+                                f"{len(self.instance_paths)})")
+            self.instance_paths, self.val_paths = self.instance_paths[:-k], self.instance_paths[-k:]
+            log.info("validation loss: %d photo(s) held out of training: %s", k, [p.name for p in self.val_paths])
+        self._val_last_step = -1
+        self.val_class_paths: list[Path] = []
+        self.val_set: dict[str, torch.Tensor] | None = None
         self.method = method
         self.train_text_encoder = bool(getattr(method, "train_text_encoder", False))
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
@@ -96,6 +110,15 @@ class DreamBoothModule(L.LightningModule):
         # Class images come from the base model: made here, before any step and before a checkpoint is
         # restored (Lightning restores after setup), so a resumed run never renders them from tuned weights.
         class_paths = self.prior.class_images(ctx)
+        k_cls = int(self.val_cfg.get("class_images") or 0)
+        val_class_paths: list[Path] = []
+        if k_cls:
+            if k_cls >= len(class_paths):
+                from dreambench.errors import UserError
+                raise UserError(f"train.val_loss.class_images={k_cls} needs more class images than the "
+                                f"{len(class_paths)} the prior has (prior.num_images), some left to train on")
+            class_paths, val_class_paths = class_paths[:-k_cls], class_paths[-k_cls:]
+        self.val_class_paths = val_class_paths
         with self._precision():
             self.instance_bank = LatentBank.from_paths(self.vae, self.instance_paths, res, cfg.data.center_crop,
                                                        cfg.data.hflip)
@@ -107,6 +130,7 @@ class DreamBoothModule(L.LightningModule):
             with torch.no_grad():
                 self.instance_emb = self.text_encoder(self.instance_ids)[0].float()
                 self.class_emb = self.text_encoder(self.class_ids)[0].float()
+        self._setup_val(res, val_class_paths)
         # Noise and timesteps come from one generator per rank whose state travels in the checkpoint.
         self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
         log.info("instance prompt %r, class prompt %r, %d instance / %d class latents", self.instance_prompt,
@@ -216,6 +240,67 @@ class DreamBoothModule(L.LightningModule):
             self.log("train/loss_prior", loss_prior)
         return loss
 
+    # ---- validation loss (train.val_loss) -------------------------------------------------------------------------
+    def _setup_val(self, res: int, val_class_paths: list[Path]) -> None:
+        """Fixed (image, timestep, noise) triples, made once: each validation image's latent mean (no sampling,
+        no flip) at `timesteps` timesteps evenly spread over the schedule, with noise from a generator of its own.
+        Nothing here or in validation_loss touches the training generators."""
+        self.val_set = None
+        every = int(self.val_cfg.get("every_n_steps") or 0)
+        paths = self.val_paths if self.val_paths else self.instance_paths  # holdout 0: the training photos
+        if every <= 0:
+            return
+        cfg = self.run_cfg
+        with self._precision():
+            inst = LatentBank.from_paths(self.vae, paths, res, cfg.data.center_crop).mean
+            cls = (LatentBank.from_paths(self.vae, val_class_paths, res, cfg.data.center_crop).mean
+                   if val_class_paths else inst[:0])
+        n_t = int(self.val_cfg.get("timesteps", 5))
+        T = int(self.noise_scheduler.config.num_train_timesteps)
+        ts = torch.tensor([int((k + 0.5) * T / n_t) for k in range(n_t)])  # e.g. 100, 300, ..., 900 for 5 of 1000
+        x0 = torch.cat([inst, cls]).repeat_interleave(n_t, dim=0)  # [(images) * n_t, C, h, w]
+        t = ts.repeat(len(inst) + len(cls)).to(x0.device)
+        g = torch.Generator().manual_seed(int(self.val_cfg.get("seed", 0)))
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        is_class = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        is_class[len(inst) * n_t:] = True
+        self.val_set = {"noisy": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "is_class": is_class,
+                        "target": losses.diffusion_target(self.prediction_type, x0, noise, t, self.alphas_cumprod)}
+        log.info("validation loss every %d steps on %d photo(s)%s and %d class image(s), %d timesteps each", every,
+                 len(inst), "" if self.val_paths else " (the training photos: none held out)", len(cls), n_t)
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, torch.Tensor]:
+        """Plain MSE to the target (no min-SNR or mask weighting, so runs with other loss switches compare) over the
+        fixed triples: val/loss, and its photo and class-image parts. The UNet runs in eval mode (no dropout draws);
+        the global RNGs are forked as the drift monitor does."""
+        v = self.val_set
+        nets = [m for m in (self.unet, self.text_encoder) if m.training]
+        for m in nets:
+            m.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), self._precision():
+                if self.train_text_encoder:
+                    inst_c = self.text_encoder(self.instance_ids)[0]
+                    cls_c = self.text_encoder(self.class_ids)[0]
+                else:
+                    inst_c, cls_c = self.instance_emb, self.class_emb
+                errs = []
+                for i in range(0, len(v["t"]), 8):
+                    sl = slice(i, i + 8)
+                    cond = torch.where(v["is_class"][sl].view(-1, 1, 1), cls_c, inst_c)
+                    pred = self.unet(v["noisy"][sl], v["t"][sl], cond.to(inst_c.dtype)).sample
+                    errs.append(((pred.float() - v["target"][sl].float()) ** 2).mean(dim=(1, 2, 3)))
+        finally:
+            for m in nets:
+                m.train()
+        err = torch.cat(errs)
+        out = {"val/loss": err.mean(), "val/loss_instance": err[~v["is_class"]].mean()}
+        if bool(v["is_class"].any()):
+            out["val/loss_class"] = err[v["is_class"]].mean()
+        return out
+
     # ---- EMA of the trained weights (train.ema) ------------------------------------------------------------------
     def ema_parameters(self) -> list[torch.nn.Parameter]:
         """What EMA averages: exactly the trained parameters (UNet, text encoder if trained, LoRA adapters, the
@@ -291,6 +376,18 @@ class DreamBoothModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.method.after_optimizer_step(self)
+        every = int(self.val_cfg.get("every_n_steps") or 0)
+        step = self.global_step
+        if self.val_set is not None and step % every == 0 and step != self._val_last_step:
+            self._val_last_step = step  # once per optimizer step, also with gradient accumulation
+            values = {k: float(v) for k, v in self.validation_loss().items()}
+            # As the drift monitor does: self.log feeds callback_metrics (metrics.json, pruning), the loggers are
+            # written directly at this step (Lightning would repeat the value on every later row until the next).
+            for k, v in values.items():
+                self.log(k, v, on_step=True, on_epoch=False, logger=False, batch_size=1, rank_zero_only=True)
+            if self.trainer.is_global_zero:
+                for lg in self.trainer.loggers:
+                    lg.log_metrics(values, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.method.trained_prefixes(self)

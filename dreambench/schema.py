@@ -82,6 +82,15 @@ class EMASchema:
 
 
 @dataclass
+class ValLossSchema:
+    every_n_steps: int = 0
+    holdout: int = 0
+    class_images: int = 0
+    timesteps: int = 5
+    seed: int = 0
+
+
+@dataclass
 class LossSchema:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
@@ -100,6 +109,7 @@ class TrainSchema:
     export: list[str] = field(default_factory=lambda: ["diffusers"])
     on_nonfinite: str = "stop"
     ema: EMASchema = field(default_factory=EMASchema)
+    val_loss: ValLossSchema = field(default_factory=ValLossSchema)
 
 
 @dataclass
@@ -150,6 +160,11 @@ RULES: list[tuple[str, Any, str]] = [
     ("train.ema.power", lambda v: v > 0, "> 0"),
     ("train.ema.every_n_steps", lambda v: v >= 1, ">= 1"),
     ("train.ema.device", lambda v: v in ("same", "cpu"), "same or cpu"),
+    ("train.val_loss.every_n_steps", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.val_loss.holdout", lambda v: v >= 0, ">= 0"),
+    ("train.val_loss.class_images", lambda v: v >= 0, ">= 0"),
+    ("train.val_loss.timesteps", lambda v: v >= 1, ">= 1"),
+    ("train.val_loss.seed", lambda v: v >= 0, ">= 0"),
 ]
 
 

@@ -59,6 +59,9 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("train.ema.device=gpu", "train.ema.device='gpu' must be same or cpu"),
     ("train.ema.enabled=yes", "train.ema.enabled='yes' should be bool"),
     ("+train.ema.decy=0.9", "unknown key train.ema.decy (did you mean train.ema.decay?)"),
+    ("train.val_loss.every_n_steps=-1", "train.val_loss.every_n_steps=-1 must be >= 0"),
+    ("train.val_loss.holdout=-1", "train.val_loss.holdout=-1 must be >= 0"),
+    ("train.val_loss.timesteps=0", "train.val_loss.timesteps=0 must be >= 1"),
 ])
 def test_bad_value_is_named_before_any_model_loads(override, words, tmp_path, no_model_loads):
     assert words in _error([override], tmp_path)

@@ -250,3 +250,78 @@ def test_ema_weights_swap_in_and_back_bit_for_bit_and_offload_to_cpu(tmp_path):
     assert all(torch.equal(p, t) for p, t in zip(params, trained))
     off, _ = build(tmp_path / "off")
     assert off.ema is None  # off by default
+
+
+# ---- validation loss -----------------------------------------------------------------------------------------------
+
+VAL = ("train.val_loss.holdout=1", "train.val_loss.class_images=1", "train.val_loss.timesteps=2")
+
+
+def test_val_loss_is_the_hand_computed_mse_on_held_out_images(tmp_path, dataset_root):
+    from dreambench.data.latents import LatentBank
+    module, cfg = build(tmp_path / "run", "train.val_loss.every_n_steps=1", "train.val_loss.seed=3", *VAL)
+    photos = sorted(p for p in (dataset_root / "dog").iterdir() if not p.name.startswith("."))
+    assert module.val_paths == photos[-1:] and module.instance_paths == photos[:-1]
+    assert len(module.instance_bank) == len(photos) - 1  # held out of training
+    assert len(module.class_bank) == int(cfg.prior.num_images) - 1 and len(module.val_class_paths) == 1
+    out = module.validation_loss()
+    # by hand: latent means, t = 250 and 750 (2 of 1000, evenly spread), noise from its own generator (seed 3)
+    x0 = torch.cat([LatentBank.from_paths(module.vae, p, 32).mean for p in (photos[-1:], module.val_class_paths)])
+    x0 = x0.repeat_interleave(2, dim=0)
+    t = torch.tensor([250, 750, 250, 750])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    cond = torch.cat([module.instance_emb] * 2 + [module.class_emb] * 2)
+    with torch.no_grad():
+        pred = module.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
+    err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out["val/loss"], err.mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["val/loss_instance"], err[:2].mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out["val/loss_class"], err[2:].mean(), rtol=1e-5, atol=1e-7)
+
+
+def _equal(a, b) -> bool:  # as tests/test_resume.py: tensors bit for bit, containers recursively
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _val_run(run: Path, *extra: str) -> tuple[dict, list[dict]]:
+    import csv
+
+    from dreambench.resilience.checkpoint import AtomicCheckpointIO
+    from dreambench.train import train
+    train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "train.samples=false", "train.export_model=false",
+                   "train.checkpoint_every_n_steps=6", *VAL, *extra]))
+    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return AtomicCheckpointIO().load_checkpoint(ckpt), list(csv.DictReader(f))
+
+
+def test_training_with_and_without_val_loss_is_bitwise_identical(tmp_path, monkeypatch):
+    from dreambench.module import DreamBoothModule
+    off, _ = _val_run(tmp_path / "off")
+    on, rows = _val_run(tmp_path / "on", "train.val_loss.every_n_steps=2")
+    assert [r["step"] for r in rows if r.get("val/loss")] == ["2", "4", "6"]  # after 2, 4 and 6 updates
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "dreambench_rng"):
+        assert _equal(on[key], off[key]), key
+    # ... and that can fail: a validation loss that draws its noise from the training generator changes the run
+    original = DreamBoothModule.validation_loss
+
+    def leaky(self):
+        torch.randn(4, generator=self.noise_generator, device=self.device)
+        return original(self)
+    monkeypatch.setattr(DreamBoothModule, "validation_loss", leaky)
+    bad, _ = _val_run(tmp_path / "bad", "train.val_loss.every_n_steps=2")
+    assert not _equal(bad["state_dict"], off["state_dict"])
+
+
+def test_holding_out_every_photo_is_one_line_error(tmp_path, dataset_root):
+    from dreambench.errors import UserError
+    n = len([p for p in (dataset_root / "dog").iterdir() if not p.name.startswith(".")])
+    with pytest.raises(UserError, match=f"train.val_loss.holdout={n} would leave no photo"):
+        build(tmp_path / "run", f"train.val_loss.holdout={n}")
