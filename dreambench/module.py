@@ -82,7 +82,8 @@ class DreamBoothModule(L.LightningModule):
         # Loss switches (conf `loss`); absent keys (an old run's config) mean off.
         lc = dict(cfg.get("loss") or {})
         self.loss_cfg = {"min_snr_gamma": lc.get("min_snr_gamma"), "noise_offset": float(lc.get("noise_offset") or 0),
-                         "input_perturbation": float(lc.get("input_perturbation") or 0)}
+                         "input_perturbation": float(lc.get("input_perturbation") or 0),
+                         "mask": bool(lc.get("mask", False))}
         # EMA of the trained weights (train.ema): made in setup(), on the training device, from the weights there.
         self.ema_cfg = dict(cfg.train.get("ema") or {})
         self.ema = None
@@ -119,9 +120,13 @@ class DreamBoothModule(L.LightningModule):
                                 f"{len(class_paths)} the prior has (prior.num_images), some left to train on")
             class_paths, val_class_paths = class_paths[:-k_cls], class_paths[-k_cls:]
         self.val_class_paths = val_class_paths
+        masks = None
+        if self.loss_cfg["mask"]:  # loss.mask: <photo>.mask.png or the alpha channel, on the latent grid
+            from dreambench.data.sidecars import photo_masks
+            masks = photo_masks(self.instance_paths, res, cfg.data.center_crop)
         with self._precision():
             self.instance_bank = LatentBank.from_paths(self.vae, self.instance_paths, res, cfg.data.center_crop,
-                                                       cfg.data.hflip)
+                                                       cfg.data.hflip, masks=masks)
             self.class_bank = (LatentBank.from_paths(self.vae, class_paths, res, cfg.data.center_crop, cfg.data.hflip)
                                if class_paths else None)
         self.instance_ids = self._tokenize(self.instance_prompt).to(device)
@@ -181,8 +186,9 @@ class DreamBoothModule(L.LightningModule):
         micro = self.global_step * accum + batch_idx % accum
         base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
         seed = int(cfg.seed)
-        inst = self.instance_bank.sample(self._indices(len(self.instance_bank), seed, base, b),
-                                         self.noise_generator)
+        idx = self._indices(len(self.instance_bank), seed, base, b)
+        inst = self.instance_bank.sample(idx, self.noise_generator)
+        mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
         latents = inst
@@ -190,6 +196,8 @@ class DreamBoothModule(L.LightningModule):
             cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
                                          self.noise_generator)
             latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
+            if mask is not None:  # class images are weighed whole
+                mask = torch.cat([mask, torch.ones_like(mask)])
             ids += [self.class_ids] * b
             if embs is not None:
                 embs += [self.class_emb] * b
@@ -197,7 +205,7 @@ class DreamBoothModule(L.LightningModule):
             cond = torch.cat(embs)
         else:
             cond = self.text_encoder(torch.cat(ids))[0]
-        return latents, cond, b, None
+        return latents, cond, b, mask
 
     def _indices(self, n: int, seed: int, base: int, b: int) -> torch.Tensor:
         """draw_indices for positions base..base+b-1, sliced from the whole run's table, made once on the latents'

@@ -95,6 +95,7 @@ class LossSchema:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    mask: bool = False
 
 
 @dataclass

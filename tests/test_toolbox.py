@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, compose, torch_threads
@@ -25,7 +26,8 @@ def build(run_dir: Path, *extra: str):
     from dreambench.models.loading import load_components
     from dreambench.module import DreamBoothModule
     from dreambench.train import prepare
-    cfg = compose(["+experiment=dog", *TINY, "logger=none", f"paths.run_dir={run_dir}", *extra])
+    tiny = [o for o in TINY if not ("prior=none" in extra and o.startswith("prior."))]
+    cfg = compose(["+experiment=dog", *tiny, "logger=none", f"paths.run_dir={run_dir}", *extra])
     plan = prepare(cfg)
     comps = load_components(plan.model_ref, prediction_type=cfg.model.prediction_type)
     module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, "sks", instantiate(cfg.method))
@@ -325,3 +327,72 @@ def test_holding_out_every_photo_is_one_line_error(tmp_path, dataset_root):
     n = len([p for p in (dataset_root / "dog").iterdir() if not p.name.startswith(".")])
     with pytest.raises(UserError, match=f"train.val_loss.holdout={n} would leave no photo"):
         build(tmp_path / "run", f"train.val_loss.holdout={n}")
+
+
+# ---- masked loss ---------------------------------------------------------------------------------------------------
+
+def _masked_photos(folder: Path) -> dict[str, torch.Tensor]:
+    """Four 32 px photos (the tiny model's resolution, so no resampling blurs the masks' edges): a.png with a mask
+    file (left half), b.png with an alpha channel (top half opaque), c.png with neither, d.png with a 1-pixel
+    checkerboard mask (area interpolation makes it 0.5 on the latent grid); a caption file beside a.
+    Returns each photo's expected latent mask [1, 16, 16] by hand."""
+    from PIL import Image
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in "abcd":
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    left = np.zeros((32, 32), np.uint8)
+    left[:, :16] = 255
+    Image.fromarray(left).save(folder / "a.mask.png")
+    checker = ((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)
+    Image.fromarray(checker).save(folder / "d.mask.png")  # each latent pixel covers 2 white + 2 black: 0.5
+    (folder / "a.txt").write_text("a photo of {identifier} {class_noun}")
+    rgba = np.concatenate([np.asarray(Image.open(folder / "b.png")), left.T[:, :, None]], axis=2)
+    Image.fromarray(rgba, "RGBA").save(folder / "b.png")
+    ones = torch.ones(1, 16, 16)  # the tiny VAE downsamples by 2
+    a, b = ones.clone(), ones.clone()
+    a[..., 8:] = 0  # latent columns 8-15 cover image columns 16-31
+    b[..., 8:, :] = 0  # latent rows 8-15: transparent
+    return {"a.png": a, "b.png": b, "c.png": ones, "d.png": ones / 2}
+
+
+def test_masked_loss_by_hand(tmp_path):
+    from dreambench.data.latents import draw_indices
+    folder = tmp_path / "photos"
+    hand_masks = _masked_photos(folder)
+    data = [f"data.instance_dir={folder}", "data.subject=toy", "data.class_noun=toy", "data.live=false",
+            "prior=none", "data.batch_size=4"]
+    module, cfg = build(tmp_path / "run", *data, "loss.mask=true")
+    assert [p.name for p in module.instance_paths] == ["a.png", "b.png", "c.png", "d.png"]  # no mask/caption
+    names = [p.name for p in module.instance_paths]
+    assert module.instance_bank.mean.shape[-2:] == (16, 16)
+    assert torch.equal(module.instance_bank.mask, torch.stack([hand_masks[n] for n in names]))
+    state = module.noise_generator.get_state()
+    with torch.no_grad():
+        loss = module.training_step(None, 0)
+        g = torch.Generator().set_state(state)
+        idx = torch.tensor(draw_indices(4, int(cfg.seed), range(4)))
+        x0 = module.instance_bank.sample(idx, g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (4,), generator=g)
+        a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        pred = module.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, module.instance_emb.expand(4, -1, -1)).sample
+        err = (pred - noise) ** 2
+        m = torch.stack([hand_masks[names[i]] for i in idx])
+        hand = (m * err).mean()  # per sample mean(mask · err) (kohya: no renormalisation), then over the batch
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(loss, err.mean(), rtol=1e-3)  # unmasked: another number
+    off, _ = build(tmp_path / "off", *data)
+    assert off.instance_bank.mask is None  # off by default: no mask is even read
+    flip, _ = build(tmp_path / "flip", *data, "loss.mask=true", "data.hflip=true")  # mirror images, mirror masks
+    assert torch.equal(flip.instance_bank.mask[4], hand_masks["a.png"].flip(-1))
+
+
+def test_a_mask_of_another_size_is_refused(tmp_path):
+    from PIL import Image
+
+    from dreambench.data.sidecars import load_mask
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    Image.new("L", (16, 32)).save(tmp_path / "a.mask.png")
+    with pytest.raises(ValueError, match="mask is 16x32 px but its photo a.png is 32x32"):
+        load_mask(tmp_path / "a.png")

@@ -47,24 +47,33 @@ def encode_latent_dist(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[
 
 
 class LatentBank:
-    """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index."""
+    """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index. `mask` (optional,
+    loss.mask): each image's loss weight per latent pixel, [N, 1, h, w]."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None):
+        self.mean, self.std, self.mask = mean, std, mask
 
     def __len__(self) -> int:
         return len(self.mean)
 
     @classmethod
     def from_paths(cls, vae, paths: Sequence[Path], resolution: int, center_crop: bool = True,
-                   hflip: bool = False, batch_size: int = 8) -> "LatentBank":
+                   hflip: bool = False, batch_size: int = 8, masks: torch.Tensor | None = None) -> "LatentBank":
+        """`masks`: [N, 1, H, W] pixel masks of the images (dreambench.data.sidecars.photo_masks), brought to the
+        latent grid here and mirrored with the images."""
         pixels = torch.stack([preprocess(load_image(p), resolution, center_crop) for p in paths])
         if hflip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
-        return cls(*encode_latent_dist(vae, pixels, batch_size))
+            masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
+        mean, std = encode_latent_dist(vae, pixels, batch_size)
+        if masks is not None:
+            from dreambench.data.sidecars import latent_mask
+            masks = latent_mask(masks, tuple(mean.shape[-2:])).to(mean.device)
+        return cls(mean, std, masks)
 
     def to(self, device) -> "LatentBank":
-        return LatentBank(self.mean.to(device), self.std.to(device))
+        return LatentBank(self.mean.to(device), self.std.to(device),
+                          self.mask.to(device) if self.mask is not None else None)
 
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx], self.std[idx]
