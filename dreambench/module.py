@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -51,6 +52,7 @@ class DreamBoothModule(L.LightningModule):
         self._val_last_step = -1
         self.val_class_paths: list[Path] = []
         self.val_set: dict[str, torch.Tensor] | None = None
+        self.captioned = False  # data.captions / data.caption_dropout, see _setup_captions
         self.method = method
         self.train_text_encoder = bool(getattr(method, "train_text_encoder", False))
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
@@ -135,6 +137,7 @@ class DreamBoothModule(L.LightningModule):
             with torch.no_grad():
                 self.instance_emb = self.text_encoder(self.instance_ids)[0].float()
                 self.class_emb = self.text_encoder(self.class_ids)[0].float()
+        self._setup_captions(device)
         self._setup_val(res, val_class_paths)
         # Noise and timesteps come from one generator per rank whose state travels in the checkpoint.
         self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
@@ -144,6 +147,45 @@ class DreamBoothModule(L.LightningModule):
             self.ema = self._make_ema()
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
+
+    def _setup_captions(self, device: torch.device) -> None:
+        """data.captions / data.caption_dropout: a prompt per photo (token ids [n_photos, L]) and the empty prompt;
+        with a frozen text encoder their embeddings are computed here once, like the instance prompt's."""
+        cfg = self.run_cfg.data
+        self.caption_dropout = float(cfg.get("caption_dropout") or 0.0)
+        self.captioned = bool(cfg.get("captions")) or self.caption_dropout > 0
+        if not self.captioned:
+            return
+        prompts = [self.instance_prompt] * len(self.instance_paths)
+        if cfg.get("captions"):
+            from dreambench.data.sidecars import photo_prompts
+            try:
+                prompts, n = photo_prompts(self.instance_paths, self.instance_prompt, self.identifier,
+                                           str(cfg.class_noun))
+            except ValueError as e:
+                from dreambench.errors import UserError
+                raise UserError(str(e)) from None
+            log.info("captions: %d of %d photos have a <photo>.txt caption, the others %r", n,
+                     len(self.instance_paths), self.instance_prompt)
+        self.photo_prompts = prompts
+        self.caption_ids = torch.cat([self._tokenize(p) for p in prompts]).to(device)
+        self.empty_ids = self._tokenize("").to(device)
+        if not self.train_text_encoder:
+            with torch.no_grad():
+                self.caption_embs = self.text_encoder(self.caption_ids)[0].float()
+                self.empty_emb = self.text_encoder(self.empty_ids)[0].float()
+        self._drop_table = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def _dropped(self, seed: int, base: int, b: int) -> torch.Tensor:
+        """[b] bool: which of draw positions base..base+b-1 get the empty prompt (data.caption_dropout). The j-th
+        value of one seeded stream, so a pure function of the position (resume draws the same) that touches no
+        generator of the run; a table for the whole run, made once on the device (see _indices)."""
+        if base + b > len(self._drop_table):
+            accum = max(1, int(self.trainer.accumulate_grad_batches))
+            total = max(base + b, (int(self.trainer.max_steps) + 1) * accum * self.trainer.world_size * b)
+            u = np.random.default_rng([seed, 0xCA97]).random(total)
+            self._drop_table = torch.from_numpy(u < self.caption_dropout).to(self.instance_bank.mean.device)
+        return self._drop_table[base:base + b]
 
     @property
     def real_images(self) -> list:
@@ -191,6 +233,13 @@ class DreamBoothModule(L.LightningModule):
         mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
+        if self.captioned:  # each photo's caption (bank index i and its mirror i + n are photo i % n), or ""
+            drop = self._dropped(seed, base, b)
+            photo = idx % len(self.caption_ids)
+            if embs is not None:
+                embs = [torch.where(drop.view(-1, 1, 1), self.empty_emb, self.caption_embs[photo])]
+            else:
+                ids = [torch.where(drop.view(-1, 1), self.empty_ids, self.caption_ids[photo])]
         latents = inst
         if self.class_bank is not None:
             cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
@@ -272,7 +321,13 @@ class DreamBoothModule(L.LightningModule):
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         is_class = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         is_class[len(inst) * n_t:] = True
+        prompts = [self.instance_prompt] * len(inst)
+        if cfg.data.get("captions"):  # each validation photo with its own caption (never dropped)
+            from dreambench.data.sidecars import photo_prompts
+            prompts = photo_prompts(paths, self.instance_prompt, self.identifier, str(cfg.data.class_noun))[0]
+        ids = torch.cat([self._tokenize(p) for p in prompts + [self.class_prompt] * len(cls)])
         self.val_set = {"noisy": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "is_class": is_class,
+                        "ids": ids.repeat_interleave(n_t, dim=0).to(x0.device),
                         "target": losses.diffusion_target(self.prediction_type, x0, noise, t, self.alphas_cumprod)}
         log.info("validation loss every %d steps on %d photo(s)%s and %d class image(s), %d timesteps each", every,
                  len(inst), "" if self.val_paths else " (the training photos: none held out)", len(cls), n_t)
@@ -289,16 +344,11 @@ class DreamBoothModule(L.LightningModule):
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), self._precision():
-                if self.train_text_encoder:
-                    inst_c = self.text_encoder(self.instance_ids)[0]
-                    cls_c = self.text_encoder(self.class_ids)[0]
-                else:
-                    inst_c, cls_c = self.instance_emb, self.class_emb
                 errs = []
                 for i in range(0, len(v["t"]), 8):
                     sl = slice(i, i + 8)
-                    cond = torch.where(v["is_class"][sl].view(-1, 1, 1), cls_c, inst_c)
-                    pred = self.unet(v["noisy"][sl], v["t"][sl], cond.to(inst_c.dtype)).sample
+                    cond = self.text_encoder(v["ids"][sl])[0]  # each image's prompt, by the current text encoder
+                    pred = self.unet(v["noisy"][sl], v["t"][sl], cond).sample
                     errs.append(((pred.float() - v["target"][sl].float()) ** 2).mean(dim=(1, 2, 3)))
         finally:
             for m in nets:

@@ -46,6 +46,8 @@ class DataSchema:
     batch_size: int = 1
     on_bad_image: str = "error"
     min_size: int | None = None
+    captions: bool = False
+    caption_dropout: float = 0.0
 
 
 @dataclass
@@ -150,6 +152,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("train.on_nonfinite", lambda v: v in ("stop", "skip"), "stop or skip"),
     ("guidance.num_inference_steps", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("data.caption_dropout", lambda v: 0 <= v < 1, "in [0, 1) (a probability; 0 = off)"),
     ("guidance.guidance_rescale", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
     ("loss.min_snr_gamma", lambda v: v > 0, "> 0 (or null = off; 5.0 in Hang et al. 2023)"),
     ("loss.noise_offset", lambda v: v >= 0, ">= 0 (0 = off)"),

@@ -396,3 +396,81 @@ def test_a_mask_of_another_size_is_refused(tmp_path):
     Image.new("L", (16, 32)).save(tmp_path / "a.mask.png")
     with pytest.raises(ValueError, match="mask is 16x32 px but its photo a.png is 32x32"):
         load_mask(tmp_path / "a.png")
+
+
+# ---- captions ------------------------------------------------------------------------------------------------------
+
+def _captioned_photos(folder: Path) -> None:
+    from PIL import Image
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in "abc":
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a photo of  {identifier} {class_noun}\non grass\n")
+    (folder / "b.txt").write_text("{identifier} {class_noun}")
+
+
+def _data(folder: Path, *extra: str) -> list[str]:
+    return [f"data.instance_dir={folder}", "data.subject=toy", "data.class_noun=toy", "data.live=false",
+            "prior=none", "data.batch_size=3", *extra]
+
+
+def test_captions_fill_placeholders_and_stay_cached(tmp_path, monkeypatch):
+    from dreambench.data.latents import draw_indices
+    folder = tmp_path / "photos"
+    _captioned_photos(folder)
+    module, cfg = build(tmp_path / "run", *_data(folder, "data.captions=true"))
+    assert module.photo_prompts == ["a photo of sks toy on grass", "sks toy", "a sks toy"]  # c: instance_prompt
+    # the embeddings are computed once in setup: a training step never runs the frozen text encoder
+    monkeypatch.setattr(module.text_encoder, "forward", lambda *a, **k: pytest.fail("text encoder ran in a step"))
+    _, cond, _, _ = module._draw(0)
+    monkeypatch.undo()
+    idx = draw_indices(3, int(cfg.seed), range(3))
+    with torch.no_grad():
+        hand = torch.cat([module.text_encoder(module._tokenize(module.photo_prompts[i]))[0] for i in idx])
+    torch.testing.assert_close(cond, hand)
+    assert not torch.allclose(cond, module.instance_emb.expand(3, -1, -1))  # not the one instance prompt
+    off, _ = build(tmp_path / "off", *_data(folder))
+    assert not off.captioned and torch.equal(off._draw(0)[1], off.instance_emb.expand(3, -1, -1))
+
+
+def test_caption_dropout_is_seeded_by_position_and_touches_no_generator(tmp_path):
+    folder = tmp_path / "photos"
+    _captioned_photos(folder)
+    module, cfg = build(tmp_path / "run", *_data(folder, "data.captions=true", "data.caption_dropout=0.5"))
+    plain, _ = build(tmp_path / "plain", *_data(folder, "data.captions=true"))
+    _, cond, _, _ = module._draw(0)
+    _, plain_cond, _, _ = plain._draw(0)
+    assert torch.equal(module.noise_generator.get_state(), plain.noise_generator.get_state())
+    # the spec: position j is dropped when the j-th uniform of the stream seeded [seed, 0xCA97] is < p
+    dropped = np.random.default_rng([int(cfg.seed), 0xCA97]).random(3) < 0.5
+    for j in range(3):
+        expect = module.empty_emb[0] if dropped[j] else plain_cond[j]
+        assert torch.equal(cond[j], expect), j
+    table = module._dropped(int(cfg.seed), 0, 4000)  # over many positions: the asked-for rate
+    assert abs(table.float().mean().item() - 0.5) < 0.03
+    assert torch.equal(module._dropped(int(cfg.seed), 5, 3), table[5:8])  # a pure function of the position
+
+
+def test_a_caption_that_cannot_be_filled_is_one_line_naming_its_file(tmp_path):
+    from dreambench.errors import UserError
+    folder = tmp_path / "photos"
+    _captioned_photos(folder)
+    (folder / "c.txt").write_text("a {subject} on a table")
+    with pytest.raises(UserError, match=r"c\.txt: caption 'a \{subject\} on a table' cannot be filled"):
+        build(tmp_path / "run", *_data(folder, "data.captions=true"))
+
+
+def test_captions_with_a_trained_text_encoder_are_encoded_each_step(tmp_path):
+    from dreambench.data.latents import draw_indices
+    folder = tmp_path / "photos"
+    _captioned_photos(folder)
+    module, cfg = build(tmp_path / "run", *_data(folder, "data.captions=true", "model.train_text_encoder=true",
+                                                 "data.caption_dropout=0.5"))
+    assert module.train_text_encoder and not hasattr(module, "caption_embs")
+    _, cond, _, _ = module._draw(0)
+    idx = draw_indices(3, int(cfg.seed), range(3))
+    dropped = np.random.default_rng([int(cfg.seed), 0xCA97]).random(3) < 0.5
+    prompts = ["" if d else module.photo_prompts[i] for i, d in zip(idx, dropped)]
+    hand = module.text_encoder(torch.cat([module._tokenize(p) for p in prompts]))[0]
+    torch.testing.assert_close(cond, hand)

@@ -33,6 +33,35 @@ def is_sidecar(path: Path, names: set[str]) -> bool:
         n != path.name and Path(n).stem == path.stem for n in names)
 
 
+# ---- captions -------------------------------------------------------------------------------------------------------
+
+def photo_prompts(photos: list[Path], default: str, identifier: str, class_noun: str) -> tuple[list[str], int]:
+    """Each photo's prompt: its `<stem>.txt` caption with {identifier} / {class_noun} filled in (whitespace
+    collapsed, as the instance prompt is), else `default` (data.instance_prompt, already filled). Returns the
+    prompts and how many came from a caption file. A caption that cannot be filled, or is empty, is an error
+    naming its file."""
+    out, n = [], 0
+    for p in photos:
+        f = caption_path(p)
+        if not f.is_file():
+            out.append(default)
+            continue
+        text = f.read_text(encoding="utf-8")
+        try:
+            caption = " ".join(text.format(identifier=identifier, class_noun=class_noun).split())
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{f}: caption {text.strip()!r} cannot be filled ({type(e).__name__}: {e}); the "
+                             f"placeholders are {{identifier}} and {{class_noun}}") from None
+        if not caption:
+            raise ValueError(f"{f}: empty caption (delete the file to use data.instance_prompt)")
+        out.append(caption)
+        n += 1
+    missing = [p.name for p, c in zip(photos, out) if identifier not in c.split()]
+    if missing:  # DreamBooth binds the subject to the identifier: a caption without it teaches the class instead
+        log.warning("captions without the identifier %r: %s", identifier, missing)
+    return out, n
+
+
 # ---- masks ----------------------------------------------------------------------------------------------------------
 
 def load_mask(photo: Path) -> tuple[Image.Image | None, str]:
