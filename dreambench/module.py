@@ -287,7 +287,7 @@ class DreamBoothModule(L.LightningModule):
         pred = self.unet(noisy, t, cond).sample
         target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
         weights = None
-        if lc["min_snr_gamma"] is not None:
+        if lc["min_snr_gamma"]:  # null or 0: off (0 would weigh every step 0; a sweep's choice() cannot say null)
             weights = losses.min_snr_weights(losses.snr(self.alphas_cumprod, t), lc["min_snr_gamma"],
                                              self.prediction_type)
         loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)

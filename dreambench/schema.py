@@ -154,7 +154,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ("data.caption_dropout", lambda v: 0 <= v < 1, "in [0, 1) (a probability; 0 = off)"),
     ("guidance.guidance_rescale", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
-    ("loss.min_snr_gamma", lambda v: v > 0, "> 0 (or null = off; 5.0 in Hang et al. 2023)"),
+    ("loss.min_snr_gamma", lambda v: v >= 0, ">= 0 (null or 0 = off; 5.0 in Hang et al. 2023)"),
     ("loss.noise_offset", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("loss.input_perturbation", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.ema.decay", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -47,7 +47,7 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("+sed=1", "unknown key sed (did you mean seed?)"),
     ("prior.num_images=1000000000", "prior.num_images=1000000000 at 32px needs"),  # more than the disk holds
     # the training toolbox (docs/TOOLBOX.md)
-    ("loss.min_snr_gamma=0", "loss.min_snr_gamma=0 must be > 0"),
+    ("loss.min_snr_gamma=-1", "loss.min_snr_gamma=-1 must be >= 0"),
     ("loss.noise_offset=-0.1", "loss.noise_offset=-0.1 must be >= 0"),
     ("loss.input_perturbation=-1", "loss.input_perturbation=-1 must be >= 0"),
     ("loss.min_snr_gamma=five", "loss.min_snr_gamma='five' should be"),

@@ -474,3 +474,30 @@ def test_captions_with_a_trained_text_encoder_are_encoded_each_step(tmp_path):
     prompts = ["" if d else module.photo_prompts[i] for i, d in zip(idx, dropped)]
     hand = module.text_encoder(torch.cat([module._tokenize(p) for p in prompts]))[0]
     torch.testing.assert_close(cond, hand)
+
+
+# ---- search spaces ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["toolbox", "min_snr"])
+def test_search_space_trials_compose_validate_and_set_the_switches(name, tmp_path):
+    """Every value of each toolbox dimension, written as the sweeper writes a trial's overrides (key=repr(value)),
+    composes, validates clean and reaches its key (`choice(false, true)` a bool, `choice(0, ...)` a number)."""
+    from helpers import CONF
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dreambench.schema import problems
+    from dreambench.sweep.space import parse
+    base = ["+experiment=dog", f"+hparams_search={name}", f"paths.run_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = hydra_compose("train", overrides=base, return_hydra_config=True).hydra
+    params = OmegaConf.to_container(hydra_cfg.sweeper.params)
+    space, _ = parse(params, [])
+    assert {"optimizer.lr", "prior.weight", "loss.min_snr_gamma"} <= set(space)
+    for key, dist in space.items():
+        values = getattr(dist, "choices", None) or [dist.low, dist.high]
+        for v in values:
+            cfg = compose([*base, f"{key}={v!r}"])
+            assert problems(cfg) == [], (key, v)
+            assert OmegaConf.select(cfg, key) == v and type(OmegaConf.select(cfg, key)) is type(v), (key, v)
