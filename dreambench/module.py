@@ -53,6 +53,7 @@ class DreamBoothModule(L.LightningModule):
         self.val_class_paths: list[Path] = []
         self.val_set: dict[str, torch.Tensor] | None = None
         self.captioned = False  # data.captions / data.caption_dropout, see _setup_captions
+        self.bucket_banks: list[LatentBank] | None = None  # data.buckets, see _setup_buckets
         self.method = method
         self.train_text_encoder = bool(getattr(method, "train_text_encoder", False))
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
@@ -131,6 +132,8 @@ class DreamBoothModule(L.LightningModule):
                                                        cfg.data.hflip, masks=masks)
             self.class_bank = (LatentBank.from_paths(self.vae, class_paths, res, cfg.data.center_crop, cfg.data.hflip)
                                if class_paths else None)
+        if cfg.data.get("buckets"):
+            self._setup_buckets(res)
         self.instance_ids = self._tokenize(self.instance_prompt).to(device)
         self.class_ids = self._tokenize(self.class_prompt).to(device)
         if not self.train_text_encoder:  # frozen text encoder: embeddings once, not every step
@@ -147,6 +150,33 @@ class DreamBoothModule(L.LightningModule):
             self.ema = self._make_ema()
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
+
+    def _setup_buckets(self, res: int) -> None:
+        """data.buckets: each photo at the aspect-ratio bucket nearest its own aspect (diffusers'
+        `generate_aspect_ratio_buckets` for a res² pixel budget, `find_nearest_bucket`), covered and cropped
+        instead of cropped to a square; one bank per photo ([photo, mirror] with hflip). Class images stay square."""
+        from diffusers.training_utils import find_nearest_bucket, generate_aspect_ratio_buckets
+
+        from dreambench.data.images import load_image
+        cfg = self.run_cfg.data
+        # Both sides must survive the VAE's and the UNet's downsampling: 8 x 8 = 64 px for SD.
+        vae_f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet_f = 2 ** (len(self.unet.config.down_block_types) - 1)
+        ladder = generate_aspect_ratio_buckets(res, divisibility=vae_f * unet_f)
+        self.bucket_banks, self.photo_buckets = [], []
+        for p in self.instance_paths:
+            w, h = load_image(p).size
+            hw = ladder[find_nearest_bucket(h, w, ladder)]
+            masks = None
+            if self.loss_cfg["mask"]:
+                from dreambench.data.sidecars import photo_masks
+                masks = photo_masks([p], res, cfg.center_crop, size_hw=hw)
+            with self._precision():
+                self.bucket_banks.append(LatentBank.from_paths(self.vae, [p], res, cfg.center_crop, cfg.hflip,
+                                                               masks=masks, size_hw=hw))
+            self.photo_buckets.append(hw)
+        log.info("aspect-ratio buckets (H x W): %s", {p.name: f"{h}x{w}" for p, (h, w) in
+                                                       zip(self.instance_paths, self.photo_buckets)})
 
     def _setup_captions(self, device: torch.device) -> None:
         """data.captions / data.caption_dropout: a prompt per photo (token ids [n_photos, L]) and the empty prompt;
@@ -228,9 +258,18 @@ class DreamBoothModule(L.LightningModule):
         micro = self.global_step * accum + batch_idx % accum
         base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
         seed = int(cfg.seed)
-        idx = self._indices(len(self.instance_bank), seed, base, b)
-        inst = self.instance_bank.sample(idx, self.noise_generator)
-        mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
+        if self.bucket_banks is not None:  # one photo per step (data.batch_size=1), at its bucket's shape
+            i = draw_indices(len(self.instance_bank), seed, [base])[0]  # on the host: no device sync for it
+            n = len(self.bucket_banks)
+            bank = self.bucket_banks[i % n]
+            idx = torch.tensor([i], device=bank.mean.device)
+            sel = idx // n  # 0: the photo, 1: its mirror (hflip)
+            inst = bank.sample(sel, self.noise_generator)
+            mask = bank.mask[sel] if bank.mask is not None else None
+        else:
+            idx = self._indices(len(self.instance_bank), seed, base, b)
+            inst = self.instance_bank.sample(idx, self.noise_generator)
+            mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
         if self.captioned:  # each photo's caption (bank index i and its mirror i + n are photo i % n), or ""
@@ -244,9 +283,12 @@ class DreamBoothModule(L.LightningModule):
         if self.class_bank is not None:
             cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
                                          self.noise_generator)
-            latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
-            if mask is not None:  # class images are weighed whole
-                mask = torch.cat([mask, torch.ones_like(mask)])
+            if self.bucket_banks is not None:  # shapes may differ: two forward passes (see _bucket_step)
+                latents = (inst, cls)
+            else:
+                latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
+                if mask is not None:  # class images are weighed whole
+                    mask = torch.cat([mask, torch.ones_like(mask)])
             ids += [self.class_ids] * b
             if embs is not None:
                 embs += [self.class_emb] * b
@@ -270,6 +312,8 @@ class DreamBoothModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         latents, cond, n_inst, mask = self._draw(batch_idx)
+        if self.bucket_banks is not None:
+            return self._bucket_step(latents if isinstance(latents, tuple) else (latents,), cond, mask)
         g = self.noise_generator
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
@@ -410,6 +454,39 @@ class DreamBoothModule(L.LightningModule):
             yield
         finally:
             self.ema.restore(params)
+
+    def _bucket_step(self, parts: tuple[torch.Tensor, ...], cond: torch.Tensor, mask: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """data.buckets: the instance latent [1, C, h, w] (its bucket) and the class latent [1, C, H, H] (square)
+        cannot share a batch, so each gets its own forward pass; the loss is the same formula (instance mean + λ
+        prior mean) and the loss switches apply to each part as in training_step. Draw order: noise per part,
+        then t for both, then offsets and perturbations per part."""
+        g, lc = self.noise_generator, self.loss_cfg
+        noises = [torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) for x in parts]
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(parts),), generator=g,
+                          device=parts[0].device)
+        if lc["noise_offset"]:
+            noises = [n + losses.offset_noise(n.shape, lc["noise_offset"], g, n.device, n.dtype) for n in noises]
+        model_noises = noises
+        if lc["input_perturbation"]:
+            model_noises = [n + lc["input_perturbation"] * torch.randn(n.shape, generator=g, device=n.device,
+                                                                       dtype=n.dtype) for n in noises]
+        out = []
+        for k, (x, noise, mn) in enumerate(zip(parts, noises, model_noises)):
+            tk = t[k:k + 1]
+            pred = self.unet(self.noise_scheduler.add_noise(x, mn, tk), tk, cond[k:k + 1]).sample
+            target = losses.diffusion_target(self.prediction_type, x, noise, tk, self.alphas_cumprod)
+            w = (losses.min_snr_weights(losses.snr(self.alphas_cumprod, tk), lc["min_snr_gamma"],
+                                        self.prediction_type) if lc["min_snr_gamma"] else None)
+            out.append(losses.weighted_loss(pred, target, 1, 0.0, w, mask if k == 0 else None)[0])
+        loss_inst = out[0]
+        loss_prior = out[1] if len(out) > 1 else loss_inst.new_zeros(())
+        loss = loss_inst + float(self.prior.weight) * loss_prior
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss_instance", loss_inst)
+        if self.class_bank is not None:
+            self.log("train/loss_prior", loss_prior)
+        return loss
 
     def configure_optimizers(self):
         cfg = self.run_cfg

@@ -48,6 +48,7 @@ class DataSchema:
     min_size: int | None = None
     captions: bool = False
     caption_dropout: float = 0.0
+    buckets: bool = False
 
 
 @dataclass
@@ -335,6 +336,10 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
             ok = False
         if not ok:
             found.append(f"{key}={v!r} must be {must}")
+    data = c.get("data") if isinstance(c.get("data"), dict) else {}
+    if data.get("buckets") is True and data.get("batch_size") not in (1, None, "???"):
+        found.append(f"data.buckets=true trains one photo per step (each at its own shape): data.batch_size="
+                     f"{data.get('batch_size')!r} must be 1")
     return list(dict.fromkeys(found))
 
 

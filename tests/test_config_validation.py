@@ -61,6 +61,7 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("+train.ema.decy=0.9", "unknown key train.ema.decy (did you mean train.ema.decay?)"),
     ("loss.mask=maybe", "loss.mask='maybe' should be bool"),
     ("data.captions=maybe", "data.captions='maybe' should be bool"),
+    ("data.buckets=maybe", "data.buckets='maybe' should be bool"),
     ("data.caption_dropout=1.0", "data.caption_dropout=1.0 must be in [0, 1)"),
     ("train.val_loss.every_n_steps=-1", "train.val_loss.every_n_steps=-1 must be >= 0"),
     ("train.val_loss.holdout=-1", "train.val_loss.holdout=-1 must be >= 0"),

@@ -501,3 +501,84 @@ def test_search_space_trials_compose_validate_and_set_the_switches(name, tmp_pat
             cfg = compose([*base, f"{key}={v!r}"])
             assert problems(cfg) == [], (key, v)
             assert OmegaConf.select(cfg, key) == v and type(OmegaConf.select(cfg, key)) is type(v), (key, v)
+
+
+# ---- aspect-ratio buckets -----------------------------------------------------------------------------------------
+
+def _shaped_photos(folder: Path) -> None:
+    from PIL import Image
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for name, (w, h) in {"land.png": (48, 32), "port.png": (32, 48), "square.png": (40, 40)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
+
+
+def _bucket_data(folder: Path, *extra: str) -> list[str]:
+    return [f"data.instance_dir={folder}", "data.subject=toy", "data.class_noun=toy", "data.live=false",
+            "data.buckets=true", *extra]
+
+
+def test_buckets_follow_each_photos_aspect_and_the_step_is_the_hand_computation(tmp_path):
+    from dreambench.data.latents import draw_indices
+    folder = tmp_path / "photos"
+    _shaped_photos(folder)
+    module, cfg = build(tmp_path / "run", *_bucket_data(folder, "prior.weight=0.7"))
+    # by hand, diffusers' ladder for 32² px in steps of 4 (tiny VAE x UNet downsampling, 2 x 2): 3:2 -> h = √(1024/1.5)
+    # = 26.1 -> 28, w = 39.2 -> 40; 2:3 the transpose; 1:1 -> 32 x 32
+    assert module.photo_buckets == [(28, 40), (40, 28), (32, 32)]  # land, port, square (name order)
+    assert [tuple(b.mean.shape[-2:]) for b in module.bucket_banks] == [(14, 20), (20, 14), (16, 16)]
+    state = module.noise_generator.get_state()
+    with torch.no_grad():
+        loss = module.training_step(None, 0)
+        g = torch.Generator().set_state(state)
+        i = draw_indices(3, int(cfg.seed), [0])[0]
+        x_i = module.bucket_banks[i].sample(torch.tensor([0]), g)
+        x_c = module.class_bank.sample(torch.tensor(draw_indices(len(module.class_bank), int(cfg.seed) + 1, [0])), g)
+        n_i, n_c = torch.randn(x_i.shape, generator=g), torch.randn(x_c.shape, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        a = module.noise_scheduler.alphas_cumprod[t]
+        mse = []
+        for k, (x, n, c) in enumerate([(x_i, n_i, module.instance_emb), (x_c, n_c, module.class_emb)]):
+            pred = module.unet(a[k].sqrt() * x + (1 - a[k]).sqrt() * n, t[k:k + 1], c).sample
+            mse.append(((pred - n) ** 2).mean())
+    torch.testing.assert_close(loss, mse[0] + 0.7 * mse[1], rtol=1e-5, atol=1e-7)
+    assert torch.equal(g.get_state(), module.noise_generator.get_state())
+
+
+def test_buckets_need_batch_size_one(tmp_path):
+    from dreambench.schema import problems
+    cfg = compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path}", "data.buckets=true", "data.batch_size=2"])
+    assert problems(cfg) == ["data.buckets=true trains one photo per step (each at its own shape): "
+                             "data.batch_size=2 must be 1"]
+
+
+def test_interrupted_and_resumed_run_with_buckets_is_bitwise_identical(tmp_path, monkeypatch):
+    import signal
+
+    from dreambench.module import DreamBoothModule
+    from dreambench.resilience.checkpoint import AtomicCheckpointIO
+    from dreambench.train import train
+    folder = tmp_path / "photos"
+    _shaped_photos(folder)
+    common = ["+experiment=dog", *TINY, *_bucket_data(folder, "data.hflip=true", "loss.mask=true",
+                                                      "loss.noise_offset=0.1", "train.ema.enabled=true"),
+              "train.samples=false", "train.export_model=false", "trainer.max_steps=6",
+              "train.checkpoint_every_n_steps=6"]
+
+    def final(run: Path) -> dict:
+        (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+        return AtomicCheckpointIO().load_checkpoint(ckpt)
+    train(compose([*common, f"paths.run_dir={tmp_path / 'full'}"]))
+    original = DreamBoothModule.on_train_batch_end
+
+    def hooked(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.global_step == 2:
+            signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", hooked)
+    assert train(compose([*common, f"paths.run_dir={tmp_path / 'part'}"]))["preempted"]
+    monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", original)
+    train(compose([*common, f"paths.run_dir={tmp_path / 'part'}", "resume=auto"]))
+    full, part = final(tmp_path / "full"), final(tmp_path / "part")
+    for key in ("state_dict", "optimizer_states", "dreambench_rng", "dreambench_ema"):
+        assert _equal(full[key], part[key]), key

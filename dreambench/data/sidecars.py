@@ -108,14 +108,23 @@ def latent_mask(pixels: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tenso
     return F.interpolate(pixels, size=latent_hw, mode="area")
 
 
-def photo_masks(photos: list[Path], resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """[N, 1, H, W] pixel masks of the photos (ones where a photo has none), with one log line per source."""
+def photo_masks(photos: list[Path], resolution: int, center_crop: bool = True,
+                size_hw: tuple[int, int] | None = None) -> torch.Tensor:
+    """[N, 1, H, W] pixel masks of the photos (ones where a photo has none), with one log line per source.
+    `size_hw`: the photos' aspect-ratio bucket (H, W) instead of the square `resolution`."""
+    from dreambench.data.latents import fit_crop
     out, sources = [], {"file": [], "alpha": [], "none": []}
+    H, W = size_hw or (resolution, resolution)
     for p in photos:
         mask, src = load_mask(p)
         sources[src].append(p.name)
-        out.append(mask_pixels(mask, resolution, center_crop) if mask is not None
-                   else torch.ones(1, resolution, resolution))
+        if mask is None:
+            out.append(torch.ones(1, H, W))
+        elif size_hw is None:
+            out.append(mask_pixels(mask, resolution, center_crop))
+        else:
+            m = fit_crop(mask, size_hw, center_crop, Image.BILINEAR)
+            out.append(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None])
     log.info("loss masks: %d from <photo>.mask.png, %d from the alpha channel, %d photo(s) without (weight 1): %s",
              len(sources["file"]), len(sources["alpha"]), len(sources["none"]), sources["none"])
     return torch.stack(out)
