@@ -238,6 +238,18 @@ def test_ema_is_the_hand_computed_average_and_is_what_samples_and_export_use(tmp
     assert torch.equal(grids[-1], shadow[0]) and not torch.equal(grids[-1], w[6][0])
 
 
+def test_a_lora_run_exports_the_averaged_adapters(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    run = tmp_path / "run"
+    ckpt, w, _ = _ema_run(run, monkeypatch, "method=lora", "train.ema.decay=0.5", "train.ema.min_decay=0.5")
+    shadow = ckpt["dreambench_ema"]["shadow_params"]
+    assert len(shadow) == len(ckpt["state_dict"]) == len(w[6])  # the adapters, nothing of the frozen base
+    exported = list(load_file(run / "model" / "pytorch_lora_weights.safetensors").values())
+    assert all(any(torch.equal(s, v) for v in exported) for s in shadow)  # every averaged adapter, as is
+    lora_b = [i for i, v in enumerate(w[6]) if v.abs().sum() > 0 and not torch.equal(v, shadow[i])]
+    assert lora_b and not any(torch.equal(w[6][i], v) for i in lora_b for v in exported)  # not the last weights
+
+
 def test_ema_weights_swap_in_and_back_bit_for_bit_and_offload_to_cpu(tmp_path):
     module, _ = build(tmp_path / "run", "train.ema.enabled=true", "train.ema.device=cpu")
     params = module.ema_parameters()
@@ -252,6 +264,30 @@ def test_ema_weights_swap_in_and_back_bit_for_bit_and_offload_to_cpu(tmp_path):
     assert all(torch.equal(p, t) for p, t in zip(params, trained))
     off, _ = build(tmp_path / "off")
     assert off.ema is None  # off by default
+
+
+def test_drift_metrics_are_measured_on_the_ema_weights(tmp_path, dataset_root, monkeypatch):
+    from dreambench.callbacks import drift
+    from dreambench.data.dreambench import subject
+    module, cfg = build(tmp_path / "run", "train.ema.enabled=true")
+    module.subject = subject(dataset_root, "dog")
+    with torch.no_grad():
+        for p in module.ema_parameters():
+            p.add_(1.0)  # trained weights != the average (still the initial weights)
+    seen = []
+
+    class Sampled(Exception):
+        pass
+
+    def fake_generate(pipe, *a, **k):
+        seen.append(next(pipe.unet.parameters()).detach().clone())
+        raise Sampled  # the metrics themselves need encoders: what matters is which weights sampled
+    monkeypatch.setattr(drift, "generate", fake_generate)
+    monitor = drift.DriftMonitor(every_n_steps=1, scorer=object())
+    with pytest.raises(Sampled):
+        monitor.measure(module)
+    assert torch.equal(seen[0], module.ema.shadow_params[0])
+    assert torch.equal(next(module.unet.parameters()), module.ema.shadow_params[0] + 1.0)  # trained ones back
 
 
 # ---- validation loss -----------------------------------------------------------------------------------------------
