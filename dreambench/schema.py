@@ -340,6 +340,12 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
     if data.get("buckets") is True and data.get("batch_size") not in (1, None, "???"):
         found.append(f"data.buckets=true trains one photo per step (each at its own shape): data.batch_size="
                      f"{data.get('batch_size')!r} must be 1")
+    val = (c.get("train") or {}).get("val_loss") if isinstance(c.get("train"), dict) else None
+    prior = c.get("prior") if isinstance(c.get("prior"), dict) else {}
+    k_cls, n_cls = (val or {}).get("class_images"), prior.get("num_images")
+    if isinstance(k_cls, int) and k_cls > 0 and isinstance(n_cls, int) and k_cls >= n_cls:
+        found.append(f"train.val_loss.class_images={k_cls} must be < prior.num_images={n_cls} (class images are "
+                     f"held out of the prior batch; some must be left to train on)")
     return list(dict.fromkeys(found))
 
 

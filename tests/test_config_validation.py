@@ -66,6 +66,7 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("train.val_loss.every_n_steps=-1", "train.val_loss.every_n_steps=-1 must be >= 0"),
     ("train.val_loss.holdout=-1", "train.val_loss.holdout=-1 must be >= 0"),
     ("train.val_loss.timesteps=0", "train.val_loss.timesteps=0 must be >= 1"),
+    ("train.val_loss.class_images=2", "train.val_loss.class_images=2 must be < prior.num_images=2"),
 ])
 def test_bad_value_is_named_before_any_model_loads(override, words, tmp_path, no_model_loads):
     assert words in _error([override], tmp_path)
