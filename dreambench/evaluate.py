@@ -160,6 +160,8 @@ def generate_run_images(run: Path, run_cfg: DictConfig, identifier: str, root: P
     g = OmegaConf.to_container(run_cfg.guidance, resolve=True)
     guidance = {k: g.get(k) for k in ("scheduler", "num_inference_steps", "guidance_scale", "negative_prompt",
                                       "height", "width")}
+    if g.get("guidance_rescale"):  # only when set, so the generation key of earlier runs is unchanged
+        guidance["guidance_rescale"] = float(g["guidance_rescale"])
     if ev.num_inference_steps:
         guidance["num_inference_steps"] = int(ev.num_inference_steps)
     n, n_cls = int(ev.images_per_prompt), int(ev.pres_images)

@@ -29,3 +29,59 @@ def prior_preservation_loss(pred: torch.Tensor, target: torch.Tensor, num_instan
         return loss_instance, loss_instance, zero
     loss_prior = F.mse_loss(pred[num_instance:], target[num_instance:])
     return loss_instance + prior_weight * loss_prior, loss_instance, loss_prior
+
+
+# ---- switches of the training loss and noise (conf: `loss.*`, docs/TOOLBOX.md); all off by default -------------
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = a_t / (1 - a_t), a_t = alphas_cumprod[t]; [B] fp32. The same quantity as diffusers'
+    `training_utils.compute_snr` ((sqrt(a) / sqrt(1 - a))²), read from the buffer the module already holds
+    instead of a scheduler object, so it stays a pure tensor function."""
+    a = alphas_cumprod.to(timesteps.device, torch.float32)[timesteps]
+    return a / (1 - a)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al., ICCV 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"): each
+    sample's loss is weighted so that the x0-space weight becomes min(SNR, γ). For an epsilon target that is
+    min(SNR, γ) / SNR, for a v target min(SNR, γ) / (SNR + 1) (as diffusers' train_text_to_image.py `--snr_gamma`
+    and kohya's `apply_snr_weight(..., v_prediction=True)`). [B] -> [B]."""
+    clipped = torch.clamp(snr_t, max=float(gamma))
+    if prediction_type == "epsilon":
+        # SNR = 0 (a zero-terminal-SNR schedule) would divide by zero; that schedule is refused for epsilon
+        # models at load time (models/loading.py), so snr_t > 0 here.
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    raise ValueError(f"min-SNR weighting: unsupported prediction_type {prediction_type!r}")
+
+
+def offset_noise(shape: torch.Size | tuple[int, ...], strength: float, generator: torch.Generator,
+                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Offset noise (N. Guttenberg, Crosslabs 2023, "Diffusion with offset noise"): strength x N(0, 1) per
+    (sample, channel), constant over the latent's pixels, added to the noise — so the model also learns to move
+    an image's mean brightness. [B, C, 1, 1] broadcasting over [B, C, H, W], as diffusers' `--noise_offset`."""
+    return strength * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device, dtype=dtype)
+
+
+def weighted_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float,
+                  sample_weights: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prior_preservation_loss` with per-sample weights [B] (min-SNR) and/or a per-pixel latent mask
+    [B, 1, h, w] in [0, 1] (masked loss). Each sample's loss is mean_{c,h,w}(mask · (pred - target)²) · w_b
+    (kohya's apply_masked_loss multiplies by the mask and takes the plain mean, it does not renormalise by the
+    mask's area, and neither does this); the instance and prior parts are means over their samples. With neither
+    weights nor mask it is exactly `prior_preservation_loss` (the same code path, bit for bit)."""
+    if sample_weights is None and mask is None:
+        return prior_preservation_loss(pred, target, num_instance, prior_weight)
+    err = (pred.float() - target.float()) ** 2
+    if mask is not None:
+        err = err * mask.to(err.device, torch.float32)
+    per_sample = err.mean(dim=tuple(range(1, err.ndim)))
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample.device, torch.float32)
+    loss_instance = per_sample[:num_instance].mean()
+    if num_instance == pred.shape[0]:
+        return loss_instance, loss_instance, loss_instance.new_zeros(())
+    loss_prior = per_sample[num_instance:].mean()
+    return loss_instance + prior_weight * loss_prior, loss_instance, loss_prior

@@ -219,10 +219,11 @@ def _nbytes(n: int, dtype: torch.dtype) -> int:
 def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int, batch_size: int = 1,
              prior: bool = True, precision: str = "32-true", gradient_checkpointing: bool = False,
              optimizer: str = "AdamW", attention: str = "sdpa", frozen_dtype: torch.dtype | None = None,
-             device: str = "cpu", capacity: int | None = None, context: dict[str, Any] | None = None
-             ) -> MemoryEstimate:
+             device: str = "cpu", capacity: int | None = None, context: dict[str, Any] | None = None,
+             ema: bool = False) -> MemoryEstimate:
     """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
-    `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained)."""
+    `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained);
+    `ema`: an EMA copy of the trained weights on the device (train.ema with device=same)."""
     unet, text_encoder, vae = meta_modules(configs)
     params = {"unet": sum(p.numel() for p in unet.parameters()),
               "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
@@ -261,6 +262,8 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
     activations = (act(torch.float32) + act(half)) // 2 if mixed else act(master)
     parts = {"weights": weights, "gradients": grads, "optimizer": opt, "autocast_copies": autocast,
              "activations": activations, "overhead": CUDA_OVERHEAD_BYTES if device.startswith("cuda") else 0}
+    if ema:  # EMAModel's shadow copy, in the trained weights' dtype
+        parts["ema"] = _nbytes(trainable, master)
     if te_grad:
         notes.append("text-encoder activations not traced (small beside the UNet's: 77 tokens)")
     return MemoryEstimate(params, trainable, parts, device, capacity, notes, exact=not notes or not any(
@@ -297,7 +300,8 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
                        prior=float(cfg.prior.get("weight", 0.0)) > 0, precision=precision,
                        gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=opt,
                        attention=str(cfg.model.get("attention", "sdpa")), frozen_dtype=frozen,
-                       device=device, capacity=cap, context=_method_context(cfg, model_ref, method))
+                       device=device, capacity=cap, context=_method_context(cfg, model_ref, method),
+                       ema=_ema_on_device(cfg))
     except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
         log.warning("memory plan skipped: %s: %s", e.__class__.__name__, str(e).splitlines()[0] if str(e) else "")
         return None
@@ -313,6 +317,12 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
             f"model.gradient_checkpointing=true, optimizer=adamw8bit, method=lora or a smaller data.resolution "
             f"(memory.plan=false skips this check)")
     return est
+
+
+def _ema_on_device(cfg: Any) -> bool:
+    from omegaconf import OmegaConf
+    return bool(OmegaConf.select(cfg, "train.ema.enabled", default=False)) and \
+        str(OmegaConf.select(cfg, "train.ema.device", default="same")) == "same"
 
 
 def _method_context(cfg: Any, model_ref: str, method: Any) -> dict[str, Any]:

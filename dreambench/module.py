@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -27,6 +28,9 @@ class DreamBoothModule(L.LightningModule):
     def __init__(self, components: Components, cfg: DictConfig, instance_paths: list[Path], prior: Any,
                  identifier: str, method: Any, subject: Any = None):
         super().__init__()
+        if cfg.model.get("zero_terminal_snr"):  # the training schedule and every sampler built from its config
+            from dreambench.models.loading import with_zero_terminal_snr
+            components = with_zero_terminal_snr(components)
         # No save_hyperparameters: it would embed the modules in every checkpoint.
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer = components.tokenizer
@@ -34,6 +38,22 @@ class DreamBoothModule(L.LightningModule):
         self.components = components
         self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
         self.instance_paths = list(instance_paths)
+        # Validation loss (train.val_loss): the last `holdout` photos (name order) are kept out of training for it.
+        self.val_cfg = dict(cfg.train.get("val_loss") or {})
+        k = int(self.val_cfg.get("holdout") or 0)
+        self.val_paths: list[Path] = []
+        if k:
+            if k >= len(self.instance_paths):
+                from dreambench.errors import UserError
+                raise UserError(f"train.val_loss.holdout={k} would leave no photo to train on (the subject has "
+                                f"{len(self.instance_paths)})")
+            self.instance_paths, self.val_paths = self.instance_paths[:-k], self.instance_paths[-k:]
+            log.info("validation loss: %d photo(s) held out of training: %s", k, [p.name for p in self.val_paths])
+        self._val_last_step = -1
+        self.val_class_paths: list[Path] = []
+        self.val_set: dict[str, torch.Tensor] | None = None
+        self.captioned = False  # data.captions / data.caption_dropout, see _setup_captions
+        self.bucket_banks: list[LatentBank] | None = None  # data.buckets, see _setup_buckets
         self.method = method
         self.train_text_encoder = bool(getattr(method, "train_text_encoder", False))
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
@@ -62,6 +82,15 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator: torch.Generator | None = None
         self._draw_tables: dict[tuple[int, int], torch.Tensor] = {}  # see _indices
         self._pending_rng: dict[str, Any] | None = None
+        # Loss switches (conf `loss`); absent keys (an old run's config) mean off.
+        lc = dict(cfg.get("loss") or {})
+        self.loss_cfg = {"min_snr_gamma": lc.get("min_snr_gamma"), "noise_offset": float(lc.get("noise_offset") or 0),
+                         "input_perturbation": float(lc.get("input_perturbation") or 0),
+                         "mask": bool(lc.get("mask", False))}
+        # EMA of the trained weights (train.ema): made in setup(), on the training device, from the weights there.
+        self.ema_cfg = dict(cfg.train.get("ema") or {})
+        self.ema = None
+        self._pending_ema: dict[str, Any] | None = None
 
     # ---- set-up: class images, cached latents and text embeddings -------------------------------------
     def setup(self, stage: str) -> None:
@@ -85,23 +114,108 @@ class DreamBoothModule(L.LightningModule):
         # Class images come from the base model: made here, before any step and before a checkpoint is
         # restored (Lightning restores after setup), so a resumed run never renders them from tuned weights.
         class_paths = self.prior.class_images(ctx)
+        k_cls = int(self.val_cfg.get("class_images") or 0)
+        val_class_paths: list[Path] = []
+        if k_cls:
+            if k_cls >= len(class_paths):
+                from dreambench.errors import UserError
+                raise UserError(f"train.val_loss.class_images={k_cls} needs more class images than the "
+                                f"{len(class_paths)} the prior has (prior.num_images), some left to train on")
+            class_paths, val_class_paths = class_paths[:-k_cls], class_paths[-k_cls:]
+        self.val_class_paths = val_class_paths
+        masks = None
+        if self.loss_cfg["mask"]:  # loss.mask: <photo>.mask.png or the alpha channel, on the latent grid
+            from dreambench.data.sidecars import photo_masks
+            masks = photo_masks(self.instance_paths, res, cfg.data.center_crop)
         with self._precision():
             self.instance_bank = LatentBank.from_paths(self.vae, self.instance_paths, res, cfg.data.center_crop,
-                                                       cfg.data.hflip)
+                                                       cfg.data.hflip, masks=masks)
             self.class_bank = (LatentBank.from_paths(self.vae, class_paths, res, cfg.data.center_crop, cfg.data.hflip)
                                if class_paths else None)
+        if cfg.data.get("buckets"):
+            self._setup_buckets(res)
         self.instance_ids = self._tokenize(self.instance_prompt).to(device)
         self.class_ids = self._tokenize(self.class_prompt).to(device)
         if not self.train_text_encoder:  # frozen text encoder: embeddings once, not every step
             with torch.no_grad():
                 self.instance_emb = self.text_encoder(self.instance_ids)[0].float()
                 self.class_emb = self.text_encoder(self.class_ids)[0].float()
+        self._setup_captions(device)
+        self._setup_val(res, val_class_paths)
         # Noise and timesteps come from one generator per rank whose state travels in the checkpoint.
         self.noise_generator = torch.Generator(device=device).manual_seed(int(cfg.seed) * 1009 + trainer.global_rank)
         log.info("instance prompt %r, class prompt %r, %d instance / %d class latents", self.instance_prompt,
                  self.class_prompt, len(self.instance_bank), len(self.class_bank) if self.class_bank else 0)
+        if self.ema_cfg.get("enabled"):
+            self.ema = self._make_ema()
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
+
+    def _setup_buckets(self, res: int) -> None:
+        """data.buckets: each photo at the aspect-ratio bucket nearest its own aspect (diffusers'
+        `generate_aspect_ratio_buckets` for a res² pixel budget, `find_nearest_bucket`), covered and cropped
+        instead of cropped to a square; one bank per photo ([photo, mirror] with hflip). Class images stay square."""
+        from diffusers.training_utils import find_nearest_bucket, generate_aspect_ratio_buckets
+
+        from dreambench.data.images import load_image
+        cfg = self.run_cfg.data
+        # Both sides must survive the VAE's and the UNet's downsampling: 8 x 8 = 64 px for SD.
+        vae_f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        unet_f = 2 ** (len(self.unet.config.down_block_types) - 1)
+        ladder = generate_aspect_ratio_buckets(res, divisibility=vae_f * unet_f)
+        self.bucket_banks, self.photo_buckets = [], []
+        for p in self.instance_paths:
+            w, h = load_image(p).size
+            hw = ladder[find_nearest_bucket(h, w, ladder)]
+            masks = None
+            if self.loss_cfg["mask"]:
+                from dreambench.data.sidecars import photo_masks
+                masks = photo_masks([p], res, cfg.center_crop, size_hw=hw)
+            with self._precision():
+                self.bucket_banks.append(LatentBank.from_paths(self.vae, [p], res, cfg.center_crop, cfg.hflip,
+                                                               masks=masks, size_hw=hw))
+            self.photo_buckets.append(hw)
+        log.info("aspect-ratio buckets (H x W): %s", {p.name: f"{h}x{w}" for p, (h, w) in
+                                                       zip(self.instance_paths, self.photo_buckets)})
+
+    def _setup_captions(self, device: torch.device) -> None:
+        """data.captions / data.caption_dropout: a prompt per photo (token ids [n_photos, L]) and the empty prompt;
+        with a frozen text encoder their embeddings are computed here once, like the instance prompt's."""
+        cfg = self.run_cfg.data
+        self.caption_dropout = float(cfg.get("caption_dropout") or 0.0)
+        self.captioned = bool(cfg.get("captions")) or self.caption_dropout > 0
+        if not self.captioned:
+            return
+        prompts = [self.instance_prompt] * len(self.instance_paths)
+        if cfg.get("captions"):
+            from dreambench.data.sidecars import photo_prompts
+            try:
+                prompts, n = photo_prompts(self.instance_paths, self.instance_prompt, self.identifier,
+                                           str(cfg.class_noun))
+            except ValueError as e:
+                from dreambench.errors import UserError
+                raise UserError(str(e)) from None
+            log.info("captions: %d of %d photos have a <photo>.txt caption, the others %r", n,
+                     len(self.instance_paths), self.instance_prompt)
+        self.photo_prompts = prompts
+        self.caption_ids = torch.cat([self._tokenize(p) for p in prompts]).to(device)
+        self.empty_ids = self._tokenize("").to(device)
+        if not self.train_text_encoder:
+            with torch.no_grad():
+                self.caption_embs = self.text_encoder(self.caption_ids)[0].float()
+                self.empty_emb = self.text_encoder(self.empty_ids)[0].float()
+        self._drop_table = torch.zeros(0, dtype=torch.bool, device=device)
+
+    def _dropped(self, seed: int, base: int, b: int) -> torch.Tensor:
+        """[b] bool: which of draw positions base..base+b-1 get the empty prompt (data.caption_dropout). The j-th
+        value of one seeded stream, so a pure function of the position (resume draws the same) that touches no
+        generator of the run; a table for the whole run, made once on the device (see _indices)."""
+        if base + b > len(self._drop_table):
+            accum = max(1, int(self.trainer.accumulate_grad_batches))
+            total = max(base + b, (int(self.trainer.max_steps) + 1) * accum * self.trainer.world_size * b)
+            u = np.random.default_rng([seed, 0xCA97]).random(total)
+            self._drop_table = torch.from_numpy(u < self.caption_dropout).to(self.instance_bank.mean.device)
+        return self._drop_table[base:base + b]
 
     @property
     def real_images(self) -> list:
@@ -136,22 +250,45 @@ class DreamBoothModule(L.LightningModule):
                               make_scheduler(g["scheduler"], self.components.scheduler_config))
 
     # ---- training -----------------------------------------------------------------------------------------
-    def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """(latents [instance; class], conditioning, number of instance samples, latent loss mask or None)."""
         cfg = self.run_cfg
         accum = max(1, int(self.trainer.accumulate_grad_batches))
         b = int(cfg.data.batch_size)
         micro = self.global_step * accum + batch_idx % accum
         base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
         seed = int(cfg.seed)
-        inst = self.instance_bank.sample(self._indices(len(self.instance_bank), seed, base, b),
-                                         self.noise_generator)
+        if self.bucket_banks is not None:  # one photo per step (data.batch_size=1), at its bucket's shape
+            i = draw_indices(len(self.instance_bank), seed, [base])[0]  # on the host: no device sync for it
+            n = len(self.bucket_banks)
+            bank = self.bucket_banks[i % n]
+            idx = torch.tensor([i], device=bank.mean.device)
+            sel = idx // n  # 0: the photo, 1: its mirror (hflip)
+            inst = bank.sample(sel, self.noise_generator)
+            mask = bank.mask[sel] if bank.mask is not None else None
+        else:
+            idx = self._indices(len(self.instance_bank), seed, base, b)
+            inst = self.instance_bank.sample(idx, self.noise_generator)
+            mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
+        if self.captioned:  # each photo's caption (bank index i and its mirror i + n are photo i % n), or ""
+            drop = self._dropped(seed, base, b)
+            photo = idx % len(self.caption_ids)
+            if embs is not None:
+                embs = [torch.where(drop.view(-1, 1, 1), self.empty_emb, self.caption_embs[photo])]
+            else:
+                ids = [torch.where(drop.view(-1, 1), self.empty_ids, self.caption_ids[photo])]
         latents = inst
         if self.class_bank is not None:
             cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
                                          self.noise_generator)
-            latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
+            if self.bucket_banks is not None:  # shapes may differ: two forward passes (see _bucket_step)
+                latents = (inst, cls)
+            else:
+                latents = torch.cat([inst, cls])  # one batch [instance; class], one forward pass (§3.3)
+                if mask is not None:  # class images are weighed whole
+                    mask = torch.cat([mask, torch.ones_like(mask)])
             ids += [self.class_ids] * b
             if embs is not None:
                 embs += [self.class_emb] * b
@@ -159,7 +296,7 @@ class DreamBoothModule(L.LightningModule):
             cond = torch.cat(embs)
         else:
             cond = self.text_encoder(torch.cat(ids))[0]
-        return latents, cond, b
+        return latents, cond, b, mask
 
     def _indices(self, n: int, seed: int, base: int, b: int) -> torch.Tensor:
         """draw_indices for positions base..base+b-1, sliced from the whole run's table, made once on the latents'
@@ -174,15 +311,177 @@ class DreamBoothModule(L.LightningModule):
         return table[base:base + b]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        latents, cond, n_inst = self._draw(batch_idx)
+        latents, cond, n_inst, mask = self._draw(batch_idx)
+        if self.bucket_banks is not None:
+            return self._bucket_step(latents if isinstance(latents, tuple) else (latents,), cond, mask)
         g = self.noise_generator
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
                           device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        # The loss switches (conf `loss`, docs/TOOLBOX.md) draw from the same generator, after noise and t, and only
+        # when on: a run with all of them off draws exactly what it drew before they existed.
+        lc = self.loss_cfg
+        if lc["noise_offset"]:
+            noise = noise + losses.offset_noise(latents.shape, lc["noise_offset"], g, latents.device, latents.dtype)
+        model_noise = noise
+        if lc["input_perturbation"]:  # Ning et al. 2023: the UNet sees noise + γ·ξ, the target keeps `noise`
+            model_noise = noise + lc["input_perturbation"] * torch.randn(latents.shape, generator=g,
+                                                                        device=latents.device, dtype=latents.dtype)
+        noisy = self.noise_scheduler.add_noise(latents, model_noise, t)
         pred = self.unet(noisy, t, cond).sample
         target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
-        loss, loss_inst, loss_prior = losses.prior_preservation_loss(pred, target, n_inst, self.prior.weight)
+        weights = None
+        if lc["min_snr_gamma"]:  # null or 0: off (0 would weigh every step 0; a sweep's choice() cannot say null)
+            weights = losses.min_snr_weights(losses.snr(self.alphas_cumprod, t), lc["min_snr_gamma"],
+                                             self.prediction_type)
+        loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss_instance", loss_inst)
+        if self.class_bank is not None:
+            self.log("train/loss_prior", loss_prior)
+        return loss
+
+    # ---- validation loss (train.val_loss) -------------------------------------------------------------------------
+    def _setup_val(self, res: int, val_class_paths: list[Path]) -> None:
+        """Fixed (image, timestep, noise) triples, made once: each validation image's latent mean (no sampling,
+        no flip) at `timesteps` timesteps evenly spread over the schedule, with noise from a generator of its own.
+        Nothing here or in validation_loss touches the training generators."""
+        self.val_set = None
+        every = int(self.val_cfg.get("every_n_steps") or 0)
+        paths = self.val_paths if self.val_paths else self.instance_paths  # holdout 0: the training photos
+        if every <= 0:
+            return
+        cfg = self.run_cfg
+        with self._precision():
+            inst = LatentBank.from_paths(self.vae, paths, res, cfg.data.center_crop).mean
+            cls = (LatentBank.from_paths(self.vae, val_class_paths, res, cfg.data.center_crop).mean
+                   if val_class_paths else inst[:0])
+        n_t = int(self.val_cfg.get("timesteps", 5))
+        T = int(self.noise_scheduler.config.num_train_timesteps)
+        ts = torch.tensor([int((k + 0.5) * T / n_t) for k in range(n_t)])  # e.g. 100, 300, ..., 900 for 5 of 1000
+        x0 = torch.cat([inst, cls]).repeat_interleave(n_t, dim=0)  # [(images) * n_t, C, h, w]
+        t = ts.repeat(len(inst) + len(cls)).to(x0.device)
+        g = torch.Generator().manual_seed(int(self.val_cfg.get("seed", 0)))
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        is_class = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
+        is_class[len(inst) * n_t:] = True
+        prompts = [self.instance_prompt] * len(inst)
+        if cfg.data.get("captions"):  # each validation photo with its own caption (never dropped)
+            from dreambench.data.sidecars import photo_prompts
+            prompts = photo_prompts(paths, self.instance_prompt, self.identifier, str(cfg.data.class_noun))[0]
+        ids = torch.cat([self._tokenize(p) for p in prompts + [self.class_prompt] * len(cls)])
+        self.val_set = {"noisy": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "is_class": is_class,
+                        "ids": ids.repeat_interleave(n_t, dim=0).to(x0.device),
+                        "target": losses.diffusion_target(self.prediction_type, x0, noise, t, self.alphas_cumprod)}
+        log.info("validation loss every %d steps on %d photo(s)%s and %d class image(s), %d timesteps each", every,
+                 len(inst), "" if self.val_paths else " (the training photos: none held out)", len(cls), n_t)
+
+    @torch.no_grad()
+    def validation_loss(self) -> dict[str, torch.Tensor]:
+        """Plain MSE to the target (no min-SNR or mask weighting, so runs with other loss switches compare) over the
+        fixed triples: val/loss, and its photo and class-image parts. The UNet runs in eval mode (no dropout draws);
+        the global RNGs are forked as the drift monitor does."""
+        v = self.val_set
+        nets = [m for m in (self.unet, self.text_encoder) if m.training]
+        for m in nets:
+            m.eval()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), self._precision():
+                errs = []
+                for i in range(0, len(v["t"]), 8):
+                    sl = slice(i, i + 8)
+                    cond = self.text_encoder(v["ids"][sl])[0]  # each image's prompt, by the current text encoder
+                    pred = self.unet(v["noisy"][sl], v["t"][sl], cond).sample
+                    errs.append(((pred.float() - v["target"][sl].float()) ** 2).mean(dim=(1, 2, 3)))
+        finally:
+            for m in nets:
+                m.train()
+        err = torch.cat(errs)
+        out = {"val/loss": err.mean(), "val/loss_instance": err[~v["is_class"]].mean()}
+        if bool(v["is_class"].any()):
+            out["val/loss_class"] = err[v["is_class"]].mean()
+        return out
+
+    # ---- EMA of the trained weights (train.ema) ------------------------------------------------------------------
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        """What EMA averages: exactly the trained parameters (UNet, text encoder if trained, LoRA adapters, the
+        textual-inversion embedding), in module order."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _make_ema(self):
+        # diffusers' EMAModel (training_utils), as its train_text_to_image.py `--use_ema` uses it: decay warm-up
+        # (1 + n) / (10 + n) capped at `decay`, or crowsonkb's 1 - (1 + n / inv_gamma)^-power with `warmup`;
+        # n counts EMA updates after `update_after_step` of them.
+        from diffusers.training_utils import EMAModel
+        c = self.ema_cfg
+        ema = EMAModel(self.ema_parameters(), decay=float(c.get("decay", 0.9999)),
+                       min_decay=float(c.get("min_decay", 0.0)), update_after_step=int(c.get("update_after_step", 0)),
+                       use_ema_warmup=bool(c.get("warmup", False)), inv_gamma=float(c.get("inv_gamma", 1.0)),
+                       power=float(c.get("power", 2 / 3)), foreach=False)
+        if self._ema_offloaded():
+            ema.to("cpu")
+        return ema
+
+    def _ema_offloaded(self) -> bool:
+        return str(self.ema_cfg.get("device", "same")) == "cpu"
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint, preemption) run before
+        # the module's, so a checkpoint of step N would miss step N's EMA update and resume would not be exact.
+        # global_step counts this step only after optimizer_step returns, hence + 1.
+        if self.ema is not None and (self.global_step + 1) % int(self.ema_cfg.get("every_n_steps", 1)) == 0:
+            params = self.ema_parameters()
+            if self._ema_offloaded():  # as diffusers' --offload_ema: to the device for the update, then back
+                self.ema.to(params[0].device)
+                self.ema.step(params)
+                self.ema.to("cpu")
+            else:
+                self.ema.step(params)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones inside the block (samples, drift metrics, export), the
+        trained ones back bit for bit after it. A no-op with EMA off."""
+        if self.ema is None:
+            yield
+            return
+        params = self.ema_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def _bucket_step(self, parts: tuple[torch.Tensor, ...], cond: torch.Tensor, mask: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """data.buckets: the instance latent [1, C, h, w] (its bucket) and the class latent [1, C, H, H] (square)
+        cannot share a batch, so each gets its own forward pass; the loss is the same formula (instance mean + λ
+        prior mean) and the loss switches apply to each part as in training_step. Draw order: noise per part,
+        then t for both, then offsets and perturbations per part."""
+        g, lc = self.noise_generator, self.loss_cfg
+        noises = [torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) for x in parts]
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(parts),), generator=g,
+                          device=parts[0].device)
+        if lc["noise_offset"]:
+            noises = [n + losses.offset_noise(n.shape, lc["noise_offset"], g, n.device, n.dtype) for n in noises]
+        model_noises = noises
+        if lc["input_perturbation"]:
+            model_noises = [n + lc["input_perturbation"] * torch.randn(n.shape, generator=g, device=n.device,
+                                                                       dtype=n.dtype) for n in noises]
+        out = []
+        for k, (x, noise, mn) in enumerate(zip(parts, noises, model_noises)):
+            tk = t[k:k + 1]
+            pred = self.unet(self.noise_scheduler.add_noise(x, mn, tk), tk, cond[k:k + 1]).sample
+            target = losses.diffusion_target(self.prediction_type, x, noise, tk, self.alphas_cumprod)
+            w = (losses.min_snr_weights(losses.snr(self.alphas_cumprod, tk), lc["min_snr_gamma"],
+                                        self.prediction_type) if lc["min_snr_gamma"] else None)
+            out.append(losses.weighted_loss(pred, target, 1, 0.0, w, mask if k == 0 else None)[0])
+        loss_inst = out[0]
+        loss_prior = out[1] if len(out) > 1 else loss_inst.new_zeros(())
+        loss = loss_inst + float(self.prior.weight) * loss_prior
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/loss_instance", loss_inst)
         if self.class_bank is not None:
@@ -212,12 +511,28 @@ class DreamBoothModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.method.after_optimizer_step(self)
+        every = int(self.val_cfg.get("every_n_steps") or 0)
+        step = self.global_step
+        if self.val_set is not None and step % every == 0 and step != self._val_last_step:
+            self._val_last_step = step  # once per optimizer step, also with gradient accumulation
+            values = {k: float(v) for k, v in self.validation_loss().items()}
+            # As the drift monitor does: self.log feeds callback_metrics (metrics.json, pruning), the loggers are
+            # written directly at this step (Lightning would repeat the value on every later row until the next).
+            for k, v in values.items():
+                self.log(k, v, on_step=True, on_epoch=False, logger=False, batch_size=1, rank_zero_only=True)
+            if self.trainer.is_global_zero:
+                for lg in self.trainer.loggers:
+                    lg.log_metrics(values, step=step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.method.trained_prefixes(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
         # Exact resume: python/numpy/torch global RNGs and the noise generator, of every rank.
         checkpoint["dreambench_rng"] = resilience.gather_rng(self.trainer, self.noise_generator)
+        if self.ema is not None:
+            ema = self.ema.state_dict()
+            ema["shadow_params"] = [p.detach().clone() for p in ema["shadow_params"]]
+            checkpoint["dreambench_ema"] = ema
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs after setup() (Lightning restores after it), so the noise generator exists and the class images
@@ -226,8 +541,22 @@ class DreamBoothModule(L.LightningModule):
         # the resumed run draws from the global torch RNG; the uninterrupted run made no grid at this step).
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._pending_rng = resilience.rank_state(checkpoint.get("dreambench_rng"), rank)
+        if self.ema is not None:
+            if "dreambench_ema" in checkpoint:
+                state = checkpoint["dreambench_ema"]
+                # load_state_dict keeps the checkpoint's tensors: put them where this run keeps its EMA.
+                dev = torch.device("cpu") if self._ema_offloaded() else self.ema.shadow_params[0].device
+                state = {**state, "shadow_params": [p.to(dev) for p in state["shadow_params"]]}
+                self.ema.load_state_dict(state)
+            else:  # a checkpoint of a run without EMA: start the average from the restored weights
+                log.warning("train.ema.enabled=true but the checkpoint holds no EMA: the average starts from its "
+                            "weights at step %s", checkpoint.get("global_step"))
+                self._pending_ema = {"from_weights": True}
 
     def on_train_start(self) -> None:
+        if self._pending_ema is not None:  # the trained weights are restored by now (not yet in on_load_checkpoint)
+            self.ema = self._make_ema()
+            self._pending_ema = None
         if self._pending_rng is not None:
             resilience.restore_rng(self._pending_rng, self.noise_generator)
             self._pending_rng = None
@@ -244,4 +573,5 @@ class DreamBoothModule(L.LightningModule):
         """The method's artefact: a diffusers pipeline folder (dreambooth), adapter weights (lora), an
         embedding file (textual inversion)."""
         speed.restore_frozen(self)  # the base model's own fp32 VAE / text encoder, not a bf16 round trip
-        self.method.export(self, folder)
+        with self.ema_weights():  # train.ema: the averaged weights are the run's model
+            self.method.export(self, folder)

@@ -51,6 +51,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Mappi
             guidance_scale=float(guidance["guidance_scale"]),
             height=height, width=width,
             generator=[torch.Generator("cpu").manual_seed(int(x)) for x in s],
+            # Lin et al. 2024 §3.4 (0.7 there, with a zero-terminal-SNR model); 0.0 is diffusers' default: no rescale.
+            guidance_rescale=float(guidance.get("guidance_rescale") or 0.0),
             output_type=output_type,
         )
         out.extend(result.images)

@@ -46,6 +46,9 @@ class DataSchema:
     batch_size: int = 1
     on_bad_image: str = "error"
     min_size: int | None = None
+    captions: bool = False
+    caption_dropout: float = 0.0
+    buckets: bool = False
 
 
 @dataclass
@@ -65,6 +68,37 @@ class ModelSchema:
     license: str | None = None
     single_file_config: str | None = None
     vae_fp32: Any = "auto"
+    zero_terminal_snr: bool = False
+
+
+@dataclass
+class EMASchema:
+    enabled: bool = False
+    decay: float = 0.9999
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+    every_n_steps: int = 1
+    device: str = "same"
+
+
+@dataclass
+class ValLossSchema:
+    every_n_steps: int = 0
+    holdout: int = 0
+    class_images: int = 0
+    timesteps: int = 5
+    seed: int = 0
+
+
+@dataclass
+class LossSchema:
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    mask: bool = False
 
 
 @dataclass
@@ -78,6 +112,8 @@ class TrainSchema:
     export_model: bool = True
     export: list[str] = field(default_factory=lambda: ["diffusers"])
     on_nonfinite: str = "stop"
+    ema: EMASchema = field(default_factory=EMASchema)
+    val_loss: ValLossSchema = field(default_factory=ValLossSchema)
 
 
 @dataclass
@@ -86,11 +122,13 @@ class GuidanceSchema:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     negative_prompt: str | None = ""
+    guidance_rescale: float = 0.0
     height: int = 512
     width: int = 512
 
 
-SCHEMAS: dict[str, type] = {"data": DataSchema, "model": ModelSchema, "train": TrainSchema, "guidance": GuidanceSchema}
+SCHEMAS: dict[str, type] = {"data": DataSchema, "model": ModelSchema, "train": TrainSchema, "guidance": GuidanceSchema,
+                            "loss": LossSchema}
 
 # (key, test, what it must be): value rules on the resolved config; a key that is absent or null is not checked.
 RULES: list[tuple[str, Any, str]] = [
@@ -116,6 +154,23 @@ RULES: list[tuple[str, Any, str]] = [
     ("guidance.num_inference_steps", lambda v: v >= 1, ">= 1"),
     ("seed", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     ("threads", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "null or an integer >= 1"),
+    ("data.caption_dropout", lambda v: 0 <= v < 1, "in [0, 1) (a probability; 0 = off)"),
+    ("guidance.guidance_rescale", lambda v: 0 <= v <= 1, "in [0, 1] (0 = off)"),
+    ("loss.min_snr_gamma", lambda v: v >= 0, ">= 0 (null or 0 = off; 5.0 in Hang et al. 2023)"),
+    ("loss.noise_offset", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("loss.input_perturbation", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.ema.decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.min_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.ema.update_after_step", lambda v: v >= 0, ">= 0"),
+    ("train.ema.inv_gamma", lambda v: v > 0, "> 0"),
+    ("train.ema.power", lambda v: v > 0, "> 0"),
+    ("train.ema.every_n_steps", lambda v: v >= 1, ">= 1"),
+    ("train.ema.device", lambda v: v in ("same", "cpu"), "same or cpu"),
+    ("train.val_loss.every_n_steps", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.val_loss.holdout", lambda v: v >= 0, ">= 0"),
+    ("train.val_loss.class_images", lambda v: v >= 0, ">= 0"),
+    ("train.val_loss.timesteps", lambda v: v >= 1, ">= 1"),
+    ("train.val_loss.seed", lambda v: v >= 0, ">= 0"),
 ]
 
 
@@ -224,6 +279,16 @@ def _plain(node: Any) -> Any:
         return out
 
 
+def _check_fields(prefix: str, node: dict, schema: type, mistyped: set[str]) -> list[str]:
+    hints = typing.get_type_hints(schema)
+    found = _unknown(f"{prefix}.", list(node), set(hints))
+    for k, v in node.items():
+        if k in hints and v != "???" and not _type_ok(v, hints[k]):
+            found.append(f"{prefix}.{k}={v!r} should be {_type_name(hints[k])}")
+            mistyped.add(f"{prefix}.{k}")
+    return found
+
+
 def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
     conf_dir = str(conf_dir)
     raw = OmegaConf.to_container(cfg, resolve=False)
@@ -249,6 +314,12 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
         if schema is not None:
             hints = typing.get_type_hints(schema)
             for k, v in node.items():
+                if k in hints and dataclasses.is_dataclass(hints[k]):  # a nested section, e.g. train.ema
+                    if isinstance(v, dict):
+                        found += _check_fields(f"{group}.{k}", v, hints[k], mistyped)
+                    elif v is not None:
+                        found.append(f"{group}.{k}={v!r} should be a section ({', '.join(typing.get_type_hints(hints[k]))})")
+                    continue
                 if k in hints and v != "???" and not _type_ok(v, hints[k]):
                     found.append(f"{group}.{k}={v!r} should be {_type_name(hints[k])}")
                     mistyped.add(f"{group}.{k}")
@@ -266,6 +337,16 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR) -> list[str]:
             ok = False
         if not ok:
             found.append(f"{key}={v!r} must be {must}")
+    data = c.get("data") if isinstance(c.get("data"), dict) else {}
+    if data.get("buckets") is True and data.get("batch_size") not in (1, None, "???"):
+        found.append(f"data.buckets=true trains one photo per step (each at its own shape): data.batch_size="
+                     f"{data.get('batch_size')!r} must be 1")
+    val = (c.get("train") or {}).get("val_loss") if isinstance(c.get("train"), dict) else None
+    prior = c.get("prior") if isinstance(c.get("prior"), dict) else {}
+    k_cls, n_cls = (val or {}).get("class_images"), prior.get("num_images")
+    if isinstance(k_cls, int) and k_cls > 0 and isinstance(n_cls, int) and k_cls >= n_cls:
+        found.append(f"train.val_loss.class_images={k_cls} must be < prior.num_images={n_cls} (class images are "
+                     f"held out of the prior batch; some must be left to train on)")
     return list(dict.fromkeys(found))
 
 

@@ -46,6 +46,27 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("+trainer.max_step=5", "unknown key trainer.max_step (did you mean trainer.max_steps?)"),
     ("+sed=1", "unknown key sed (did you mean seed?)"),
     ("prior.num_images=1000000000", "prior.num_images=1000000000 at 32px needs"),  # more than the disk holds
+    # the training toolbox (docs/TOOLBOX.md)
+    ("loss.min_snr_gamma=-1", "loss.min_snr_gamma=-1 must be >= 0"),
+    ("loss.noise_offset=-0.1", "loss.noise_offset=-0.1 must be >= 0"),
+    ("loss.input_perturbation=-1", "loss.input_perturbation=-1 must be >= 0"),
+    ("loss.min_snr_gamma=five", "loss.min_snr_gamma='five' should be"),
+    ("+loss.min_snr=5", "unknown key loss.min_snr (did you mean loss.min_snr_gamma?)"),
+    ("model.zero_terminal_snr=maybe", "model.zero_terminal_snr='maybe' should be bool"),
+    ("guidance.guidance_rescale=1.5", "guidance.guidance_rescale=1.5 must be in [0, 1]"),
+    ("train.ema.decay=1.5", "train.ema.decay=1.5 must be in [0, 1]"),
+    ("train.ema.every_n_steps=0", "train.ema.every_n_steps=0 must be >= 1"),
+    ("train.ema.device=gpu", "train.ema.device='gpu' must be same or cpu"),
+    ("train.ema.enabled=yes", "train.ema.enabled='yes' should be bool"),
+    ("+train.ema.decy=0.9", "unknown key train.ema.decy (did you mean train.ema.decay?)"),
+    ("loss.mask=maybe", "loss.mask='maybe' should be bool"),
+    ("data.captions=maybe", "data.captions='maybe' should be bool"),
+    ("data.buckets=maybe", "data.buckets='maybe' should be bool"),
+    ("data.caption_dropout=1.0", "data.caption_dropout=1.0 must be in [0, 1)"),
+    ("train.val_loss.every_n_steps=-1", "train.val_loss.every_n_steps=-1 must be >= 0"),
+    ("train.val_loss.holdout=-1", "train.val_loss.holdout=-1 must be >= 0"),
+    ("train.val_loss.timesteps=0", "train.val_loss.timesteps=0 must be >= 1"),
+    ("train.val_loss.class_images=2", "train.val_loss.class_images=2 must be < prior.num_images=2"),
 ])
 def test_bad_value_is_named_before_any_model_loads(override, words, tmp_path, no_model_loads):
     assert words in _error([override], tmp_path)

@@ -135,3 +135,13 @@ def test_an_unplannable_method_reports_an_upper_bound_but_never_stops(tmp_path, 
     est = plan_for(cfg, resolve_model_ref(cfg.model), Odd())
     assert not est.exact and not est.fits  # over the 1 MB device, yet no UserError: an upper bound only
     assert any("could not be planned" in n for n in est.notes)
+
+
+def test_ema_on_the_device_adds_one_copy_of_the_trained_weights(sd15, tmp_path):
+    from dreambench.train import prepare
+    off, on = est(sd15), est(sd15, ema=True)
+    assert on.total - off.total == on.parts["ema"] == 4 * on.trainable  # fp32 master weights: 4 B per parameter
+    s = prepare(compose(prepare_overrides(tmp_path, "train.ema.enabled=true"))).memory.summary()
+    assert "ema" in s["parts_gb"]
+    s = prepare(compose(prepare_overrides(tmp_path, "train.ema.enabled=true", "train.ema.device=cpu"))).memory.summary()
+    assert "ema" not in s["parts_gb"]  # kept in host memory, moved for each update

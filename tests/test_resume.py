@@ -27,18 +27,18 @@ def _interrupt_after(monkeypatch, step: int) -> None:
     monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", hooked)
 
 
-def _interrupted_then_resumed(run: Path, monkeypatch) -> dict:
+def _interrupted_then_resumed(run: Path, monkeypatch, extra: tuple[str, ...] = ()) -> dict:
     from dreambench.module import DreamBoothModule
     from dreambench.train import train
     original = DreamBoothModule.on_train_batch_end
     _interrupt_after(monkeypatch, K)
-    first = train(compose([*COMMON, f"paths.run_dir={run}"]))
+    first = train(compose([*COMMON, *extra, f"paths.run_dir={run}"]))
     assert first["preempted"] is True and first["steps"] == K + 1, first
     assert Path(first["checkpoint"]).name == f"step={K + 1:06d}.ckpt"
     assert not (run / "metrics.json").exists() and not (run / "model").exists()  # not finished
     assert not (run / ".lock").exists()  # a preempted run releases its run folder (resume=auto takes it next)
     monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", original)
-    return train(compose([*COMMON, f"paths.run_dir={run}", "resume=auto"]))
+    return train(compose([*COMMON, *extra, f"paths.run_dir={run}", "resume=auto"]))
 
 
 def _final(run: Path) -> dict:
@@ -101,6 +101,46 @@ def test_negative_control_without_rng_restore_the_runs_differ(uninterrupted, tmp
     assert part["global_step"] == N
     assert not _equal(part["state_dict"], full["state_dict"])
     assert _rows(tmp_path / "run") != full_rows
+
+
+# EMA of the trained weights (train.ema): every 3rd step, so the interruption after step K + 1 = 4 falls between two
+# updates; decay 0.9 with diffusers' warm-up. The average travels in the checkpoint.
+EMA = ("train.ema.enabled=true", "train.ema.decay=0.9", "train.ema.every_n_steps=3")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ema(tmp_path_factory):
+    from dreambench.train import train
+    run = tmp_path_factory.mktemp("full_ema") / "run"
+    assert train(compose([*COMMON, *EMA, f"paths.run_dir={run}"]))["steps"] == N
+    return run, _final(run), _rows(run)
+
+
+def test_interrupted_and_resumed_run_with_ema_is_bitwise_identical(uninterrupted_ema, tmp_path, monkeypatch):
+    _, full, full_rows = uninterrupted_ema
+    assert _interrupted_then_resumed(tmp_path / "run", monkeypatch, EMA)["steps"] == N
+    part = _final(tmp_path / "run")
+    assert full["dreambench_ema"]["optimization_step"] == N // 3  # updated after steps 3 and 6
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "dreambench_rng", "dreambench_ema"):
+        assert _equal(part[key], full[key]), key
+    assert _rows(tmp_path / "run") == full_rows
+
+
+def test_negative_control_ema_left_out_of_the_checkpoint_differs(uninterrupted_ema, tmp_path, monkeypatch):
+    """The EMA test above can fail: a checkpoint without the average restarts it from the restored weights."""
+    from dreambench.module import DreamBoothModule
+    _, full, _ = uninterrupted_ema
+    save = DreamBoothModule.on_save_checkpoint
+
+    def without_ema(self, checkpoint):
+        save(self, checkpoint)
+        if self.global_step < N:
+            checkpoint.pop("dreambench_ema", None)
+    monkeypatch.setattr(DreamBoothModule, "on_save_checkpoint", without_ema)
+    _interrupted_then_resumed(tmp_path / "run", monkeypatch, EMA)
+    part = _final(tmp_path / "run")
+    assert _equal(part["state_dict"], full["state_dict"])  # training itself is unaffected
+    assert not _equal(part["dreambench_ema"], full["dreambench_ema"])
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):

@@ -10,6 +10,7 @@ and `real_images` (the subject's real PIL images).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +77,8 @@ class DriftMonitor(L.Callback):
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
         try:
             # Sampling must not move the training RNG: with and without this callback, training is the same.
-            with torch.random.fork_rng(devices=devices):
+            # train.ema: the averaged weights are what is measured (and exported).
+            with torch.random.fork_rng(devices=devices), getattr(pl_module, "ema_weights", contextlib.nullcontext)():
                 images = generate(pl_module.sampling_pipeline(), all_prompts, seeds, guidance,
                                   batch_size=self.batch_size, progress=False)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning as L
@@ -38,7 +39,8 @@ class SampleGrid(L.Callback):
         pl_module.unet.eval()
         try:
             pipe = pl_module.sampling_pipeline()
-            with pl_module._precision():
+            # train.ema: grids show the averaged weights, the ones the run exports.
+            with pl_module._precision(), getattr(pl_module, "ema_weights", contextlib.nullcontext)():
                 images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], pl_module.run_cfg.guidance,
                                   batch_size=self.batch_size, progress=False)
         finally:

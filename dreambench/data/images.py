@@ -142,7 +142,14 @@ def validate_image_folder(folder: str | Path, min_size: int, on_bad: str = "erro
     problems: list[tuple[Path, str]] = []
     first_with_hash: dict[str, Path] = {}
     # Read-only throughout: nothing here writes, renames or deletes a user file.
-    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+    from dreambench.data.sidecars import is_sidecar
+    entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    names = {p.name for p in entries}
+    for path in entries:
+        if is_sidecar(path, names):
+            # <photo>.mask.png (loss.mask) and <photo>.txt (data.captions) describe a photo; never one themselves.
+            log.debug("%s: %s is a mask or caption file, not a photo", what, path)
+            continue
         if path.name.startswith("."):
             # .DS_Store, macOS ._resource forks, editor swap files: never images the user meant.
             log.debug("%s: skipping hidden file %s", what, path)

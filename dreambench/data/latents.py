@@ -28,6 +28,24 @@ def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) ->
     return x / 127.5 - 1.0
 
 
+def fit_crop(image: Image.Image, size_hw: tuple[int, int], center_crop: bool = True,
+             resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize to cover `size_hw` = (H, W) keeping the aspect ratio, then crop to it (centred, or top-left): the
+    rectangle version of `preprocess`'s geometry, used for aspect-ratio buckets (data.buckets)."""
+    H, W = size_hw
+    w, h = image.size
+    s = max(H / h, W / w)
+    image = image.resize((max(W, round(w * s)), max(H, round(h * s))), resample)
+    w, h = image.size
+    left, top = ((w - W) // 2, (h - H) // 2) if center_crop else (0, 0)
+    return image.crop((left, top, left + W, top + H))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return x / 127.5 - 1.0
+
+
 def latent_scale(vae) -> float:
     # SD's 0.18215 (SD 1.x/2.x), 0.13025 (SDXL): latents are multiplied by it after encoding.
     return float(vae.config.scaling_factor)
@@ -47,24 +65,38 @@ def encode_latent_dist(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[
 
 
 class LatentBank:
-    """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index."""
+    """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index. `mask` (optional,
+    loss.mask): each image's loss weight per latent pixel, [N, 1, h, w]."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None):
+        self.mean, self.std, self.mask = mean, std, mask
 
     def __len__(self) -> int:
         return len(self.mean)
 
     @classmethod
     def from_paths(cls, vae, paths: Sequence[Path], resolution: int, center_crop: bool = True,
-                   hflip: bool = False, batch_size: int = 8) -> "LatentBank":
-        pixels = torch.stack([preprocess(load_image(p), resolution, center_crop) for p in paths])
+                   hflip: bool = False, batch_size: int = 8, masks: torch.Tensor | None = None,
+                   size_hw: tuple[int, int] | None = None) -> "LatentBank":
+        """`masks`: [N, 1, H, W] pixel masks of the images (dreambench.data.sidecars.photo_masks), brought to the
+        latent grid here and mirrored with the images. `size_hw`: a rectangle (H, W) instead of the square
+        `resolution` (an aspect-ratio bucket)."""
+        if size_hw is None:
+            pixels = torch.stack([preprocess(load_image(p), resolution, center_crop) for p in paths])
+        else:
+            pixels = torch.stack([to_tensor(fit_crop(load_image(p), size_hw, center_crop)) for p in paths])
         if hflip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
-        return cls(*encode_latent_dist(vae, pixels, batch_size))
+            masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
+        mean, std = encode_latent_dist(vae, pixels, batch_size)
+        if masks is not None:
+            from dreambench.data.sidecars import latent_mask
+            masks = latent_mask(masks, tuple(mean.shape[-2:])).to(mean.device)
+        return cls(mean, std, masks)
 
     def to(self, device) -> "LatentBank":
-        return LatentBank(self.mean.to(device), self.std.to(device))
+        return LatentBank(self.mean.to(device), self.std.to(device),
+                          self.mask.to(device) if self.mask is not None else None)
 
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx], self.std[idx]

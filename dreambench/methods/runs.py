@@ -19,7 +19,8 @@ def write_method_json(folder: Path, run_cfg: DictConfig, info: dict[str, Any]) -
     m = run_cfg.model
     base = {
         k: OmegaConf.select(m, k)
-        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny", "single_file_config")
+        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny", "single_file_config",
+                  "zero_terminal_snr")
     }
     atomic_write_json(Path(folder) / METHOD_FILE, {**info, "base_model": base})
 
@@ -58,6 +59,9 @@ def load_base_pipeline(base: dict[str, Any]):
         pipe.scheduler = pipe.scheduler.__class__.from_config(
             pipe.scheduler.config, prediction_type=base["prediction_type"]
         )
+    if base.get("zero_terminal_snr"):  # the schedule the adapter / embedding was trained and sampled with
+        from dreambench.models.loading import ZERO_SNR_SAMPLER
+        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, **ZERO_SNR_SAMPLER)
     return pipe
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -186,6 +187,27 @@ def load_components(ref: str, revision: str | None = None, variant: str | None =
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, sched_cfg,
                       model_identity(ref, revision, variant))
+
+
+ZERO_SNR_SAMPLER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def with_zero_terminal_snr(components: Components) -> Components:
+    """`model.zero_terminal_snr`: Lin et al. (WACV 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed"), §3.1-3.3. The betas are rescaled so that the last timestep has SNR 0 (pure noise, as sampling starts
+    from) — diffusers' `rescale_zero_terminal_snr`, switched on through the schedulers' own
+    `rescale_betas_zero_snr` — and samplers start at the last timestep (`timestep_spacing="trailing"`). Both go into
+    the scheduler config the run samples, caches class images and exports with, so every sampler built from it
+    (DDIM, DDPM, Euler, ...) and the exported model use the same schedule. Needs a v-prediction model: at SNR 0
+    an epsilon model's input is its target and x0 cannot be recovered (§3.2)."""
+    cfg = dict(components.scheduler_config)
+    if cfg.get("prediction_type", "epsilon") != "v_prediction":
+        from dreambench.errors import UserError
+        raise UserError(f"model.zero_terminal_snr=true needs a v-prediction model (this one predicts "
+                        f"{cfg.get('prediction_type', 'epsilon')}): set model.prediction_type=v_prediction, as "
+                        f"Lin et al. 2024 §3.2 do, or leave zero_terminal_snr off")
+    cfg.update(ZERO_SNR_SAMPLER)
+    return dataclasses.replace(components, noise_scheduler=DDPMScheduler.from_config(cfg), scheduler_config=cfg)
 
 
 def default_cache_dir() -> Path:

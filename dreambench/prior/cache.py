@@ -37,9 +37,13 @@ class ClassImageSpec:
     width: int = 512
     seed: int = 0
     count: int = 200
+    guidance_rescale: float = 0.0  # guidance.guidance_rescale (Lin et al. 2024 §3.4)
 
     def as_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+        d = dataclasses.asdict(self)
+        if not d["guidance_rescale"]:  # off: the key (and so every existing cache folder) is what it was before
+            del d["guidance_rescale"]
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     def image_seed(self, i: int) -> int:
         # Image i depends on (seed, i) only: batch size and number of ranks do not change the set.

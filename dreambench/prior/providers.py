@@ -72,7 +72,8 @@ class GeneratedPrior:
             model=ctx.model_identity, prompt=ctx.class_prompt, negative_prompt=g.get("negative_prompt") or "",
             scheduler=g["scheduler"], scheduler_config=ctx.scheduler_config,
             num_inference_steps=int(g["num_inference_steps"]), guidance_scale=float(g["guidance_scale"]),
-            height=ctx.resolution, width=ctx.resolution, seed=self.seed, count=self.num_images)
+            height=ctx.resolution, width=ctx.resolution, seed=self.seed, count=self.num_images,
+            guidance_rescale=float(g.get("guidance_rescale") or 0.0))
 
     def class_images(self, ctx: PriorContext) -> list[Path]:
         spec = self.spec(ctx)
