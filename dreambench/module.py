@@ -62,6 +62,7 @@ class DreamBoothModule(L.LightningModule):
         self.noise_generator: torch.Generator | None = None
         self._draw_tables: dict[tuple[int, int], torch.Tensor] = {}  # see _indices
         self._pending_rng: dict[str, Any] | None = None
+        self.last_train_metrics: dict[str, float] = {}  # the losses last read back (_log_losses)
 
     # ---- set-up: class images, cached latents and text embeddings -------------------------------------
     def setup(self, stage: str) -> None:
@@ -183,11 +184,43 @@ class DreamBoothModule(L.LightningModule):
         pred = self.unet(noisy, t, cond).sample
         target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
         loss, loss_inst, loss_prior = losses.prior_preservation_loss(pred, target, n_inst, self.prior.weight)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/loss_instance", loss_inst)
+        named = {"train/loss": loss, "train/loss_instance": loss_inst}
         if self.class_bank is not None:
-            self.log("train/loss_prior", loss_prior)
+            named["train/loss_prior"] = loss_prior
+        self._log_losses(named, batch_idx)
         return loss
+
+    def _log_losses(self, named: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """The step's losses to the loggers, on logging steps only, read back to the host in one transfer.
+
+        Lightning's `self.log(on_step=True)` reads a progress-bar value back every step and each logged value
+        separately (`.item()`) on logging steps: on a GPU each read stalls the host until the device drains.
+        Here the losses are stacked and read once, on the steps Lightning would log (the one that completes
+        step k is logged as k - 1, every `trainer.log_every_n_steps`; the CSV rows are Lightning's), and on the
+        last step, whose values metrics.json, the progress bar and sweeps read from `trainer.callback_metrics`
+        (CPU tensors: reading them costs the device nothing). Between them nothing leaves the device."""
+        trainer = self.trainer
+        accum = max(1, int(trainer.accumulate_grad_batches))
+        if (batch_idx + 1) % accum:  # a micro-batch: the optimizer step (and its log) comes with the last one
+            return
+        step = int(trainer.global_step)  # updates done before this one
+        log_now = (step + 1) % max(1, int(trainer.log_every_n_steps)) == 0
+        if not log_now and step + 1 < int(trainer.max_steps):
+            return
+        flags = getattr(self, "_device_flags", None)  # NumericsGuard's, read in the same transfer
+        stacked = torch.stack([v.detach().to(torch.float64) for v in named.values()])
+        if flags is not None:
+            stacked = torch.cat([stacked, flags.to(stacked.device, torch.float64)])
+        values = speed.read_back(stacked)  # the one host sync
+        if flags is not None:
+            self._flags_read = (step + 1, values[len(named):])  # as of the update before this one
+        metrics = dict(zip(named, values[:len(named)]))
+        self.last_train_metrics = metrics
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if log_now and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({**metrics, "epoch": int(self.current_epoch)}, step=step)
+                lg.save()
 
     def configure_optimizers(self):
         cfg = self.run_cfg
