@@ -85,13 +85,18 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
     callbacks) on the bench's images; steps/s from the step hooks, after `s.warmup` steps."""
     from dreambench.train import train
     run_dir = Path(tempfile.mkdtemp(prefix=f"db-{tag}-", dir=s.work))
-    cfg = compose([*model, *train_overrides(s.work, run_dir, s.warmup + s.steps, extra)])
+    # One untimed step after the window: the last step of a run also reads its final losses and flags for
+    # metrics.json (end-of-run work, like the export); the window measures the steady state.
+    cfg = compose([*model, *train_overrides(s.work, run_dir, s.warmup + s.steps + 1, extra)])
     counter = SyncCounter() if sync_count else None
     cuda_debug = sync_count and s.cuda
+    from dreambench import speed
+    reads = {}
     with StepClock(sync=s.cuda and not sync_count) as clock, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if counter is not None:  # count over the timed steps only
             def start():
+                reads["start"] = speed.HOST_READS[0]
                 counter.__enter__()
                 if cuda_debug:  # every synchronising CUDA call warns, blocking host<->device copies included
                     torch.cuda.set_sync_debug_mode("warn")
@@ -100,6 +105,11 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
                 if cuda_debug:
                     torch.cuda.set_sync_debug_mode(0)
                 counter.__exit__(None, None, None)
+                # dreambench's own reads (.tolist() of stacked values) dispatch no _local_scalar_dense: add them
+                n = speed.HOST_READS[0] - reads["start"]
+                counter.count += n
+                if n:
+                    counter.where["speed.read_back (losses + numerics flags, logging steps)"] = n
             clock.at_step(s.warmup, start)
             clock.after_step(s.warmup + s.steps - 1, stop)
         if memory and s.cuda:

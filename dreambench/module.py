@@ -91,6 +91,7 @@ class DreamBoothModule(L.LightningModule):
         self.ema_cfg = dict(cfg.train.get("ema") or {})
         self.ema = None
         self._pending_ema: dict[str, Any] | None = None
+        self.last_train_metrics: dict[str, float] = {}  # the losses last read back (_log_losses)
 
     # ---- set-up: class images, cached latents and text embeddings -------------------------------------
     def setup(self, stage: str) -> None:
@@ -313,7 +314,7 @@ class DreamBoothModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         latents, cond, n_inst, mask = self._draw(batch_idx)
         if self.bucket_banks is not None:
-            return self._bucket_step(latents if isinstance(latents, tuple) else (latents,), cond, mask)
+            return self._bucket_step(latents if isinstance(latents, tuple) else (latents,), cond, mask, batch_idx)
         g = self.noise_generator
         noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g,
@@ -335,10 +336,14 @@ class DreamBoothModule(L.LightningModule):
             weights = losses.min_snr_weights(losses.snr(self.alphas_cumprod, t), lc["min_snr_gamma"],
                                              self.prediction_type)
         loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/loss_instance", loss_inst)
+        return self._logged(loss, loss_inst, loss_prior, batch_idx)
+
+    def _logged(self, loss: torch.Tensor, loss_inst: torch.Tensor, loss_prior: torch.Tensor,
+                batch_idx: int) -> torch.Tensor:
+        named = {"train/loss": loss, "train/loss_instance": loss_inst}
         if self.class_bank is not None:
-            self.log("train/loss_prior", loss_prior)
+            named["train/loss_prior"] = loss_prior
+        self._log_losses(named, batch_idx)
         return loss
 
     # ---- validation loss (train.val_loss) -------------------------------------------------------------------------
@@ -455,8 +460,8 @@ class DreamBoothModule(L.LightningModule):
         finally:
             self.ema.restore(params)
 
-    def _bucket_step(self, parts: tuple[torch.Tensor, ...], cond: torch.Tensor, mask: torch.Tensor | None
-                     ) -> torch.Tensor:
+    def _bucket_step(self, parts: tuple[torch.Tensor, ...], cond: torch.Tensor, mask: torch.Tensor | None,
+                     batch_idx: int) -> torch.Tensor:
         """data.buckets: the instance latent [1, C, h, w] (its bucket) and the class latent [1, C, H, H] (square)
         cannot share a batch, so each gets its own forward pass; the loss is the same formula (instance mean + λ
         prior mean) and the loss switches apply to each part as in training_step. Draw order: noise per part,
@@ -482,11 +487,39 @@ class DreamBoothModule(L.LightningModule):
         loss_inst = out[0]
         loss_prior = out[1] if len(out) > 1 else loss_inst.new_zeros(())
         loss = loss_inst + float(self.prior.weight) * loss_prior
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/loss_instance", loss_inst)
-        if self.class_bank is not None:
-            self.log("train/loss_prior", loss_prior)
-        return loss
+        return self._logged(loss, loss_inst, loss_prior, batch_idx)
+
+    def _log_losses(self, named: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """The step's losses to the loggers, on logging steps only, read back to the host in one transfer.
+
+        Lightning's `self.log(on_step=True)` reads a progress-bar value back every step and each logged value
+        separately (`.item()`) on logging steps: on a GPU each read stalls the host until the device drains.
+        Here the losses are stacked and read once, on the steps Lightning would log (the one that completes
+        step k is logged as k - 1, every `trainer.log_every_n_steps`; the CSV rows are Lightning's), and on the
+        last step, whose values metrics.json, the progress bar and sweeps read from `trainer.callback_metrics`
+        (CPU tensors: reading them costs the device nothing). Between them nothing leaves the device."""
+        trainer = self.trainer
+        accum = max(1, int(trainer.accumulate_grad_batches))
+        if (batch_idx + 1) % accum:  # a micro-batch: the optimizer step (and its log) comes with the last one
+            return
+        step = int(trainer.global_step)  # updates done before this one
+        log_now = (step + 1) % max(1, int(trainer.log_every_n_steps)) == 0
+        if not log_now and step + 1 < int(trainer.max_steps):
+            return
+        flags = getattr(self, "_device_flags", None)  # NumericsGuard's, read in the same transfer
+        stacked = torch.stack([v.detach().to(torch.float64) for v in named.values()])
+        if flags is not None:
+            stacked = torch.cat([stacked, flags.to(stacked.device, torch.float64)])
+        values = speed.read_back(stacked)  # the one host sync
+        if flags is not None:
+            self._flags_read = (step + 1, values[len(named):])  # as of the update before this one
+        metrics = dict(zip(named, values[:len(named)]))
+        self.last_train_metrics = metrics
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if log_now and trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({**metrics, "epoch": int(self.current_epoch)}, step=step)
+                lg.save()
 
     def configure_optimizers(self):
         cfg = self.run_cfg

@@ -103,3 +103,13 @@ class FirstStepClock:
             stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
             log.info("first training step %.1f s after the command started (at %s)",
                      now - psutil.Process().create_time(), stamp)
+
+
+HOST_READS = [0]  # deliberate device -> host reads (read_back), for make bench's sync count
+
+
+def read_back(t: Any) -> list[float]:
+    """A small device tensor's values on the host: the one deliberate sync of a logging step. `.tolist()`
+    dispatches no `aten._local_scalar_dense`, so the bench's counter would not see it; this count does."""
+    HOST_READS[0] += 1
+    return t.detach().reshape(-1).tolist()

@@ -249,3 +249,16 @@ def test_startup_case_reads_the_first_step_line_the_trainer_logs(caplog):
     # the line gives a UTC time a person reads, to the millisecond: allow its rounding
     assert re.search(r"first training step \d+\.\d s after the command started \(at 20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\)$", line)
     assert before - 1e-3 <= bench.cases.first_step_time(line) <= time.time() + 1e-3
+
+
+def test_a_training_step_reads_nothing_back_between_logging_steps(tmp_path):
+    # The bench's syncs case on the real train(): logging every 5 steps, 10 timed steps. Host reads are counted
+    # two ways: aten._local_scalar_dense (.item(), bool(t), float(t): Lightning's per-metric reads used to be
+    # 1.7 a step, the non-finite guard's 1.0) and dreambench's own stacked reads (speed.read_back): one per
+    # logging step, the losses and the guard's flags together.
+    import bench.cases as cases
+    s = cases.Settings(tmp_path, reps=1, warmup=2, steps=10, quick=True, cuda=False, log=lambda *_: None)
+    cases.prepare_work(s)
+    res = cases.dreambench_steps(s, ["model=tiny"], ["trainer.log_every_n_steps=5"], "sync", sync_count=True)
+    assert res["sync_sites"] == {"speed.read_back (losses + numerics flags, logging steps)": 2}, res["sync_sites"]
+    assert res["syncs_per_step"] == 0.2

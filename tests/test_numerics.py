@@ -56,6 +56,50 @@ def test_skip_drops_the_bad_step_and_training_goes_on(tmp_path, monkeypatch, cap
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
 
 
+def test_between_logging_steps_a_bad_step_is_dropped_on_the_device_and_stops_at_the_next_check(tmp_path, monkeypatch):
+    # Logging every 5 steps: the guard reads its flag back at step 5 (or before a checkpoint). Step 3 is NaN; the
+    # checkpoint of step 4 is refused, and the weights after step 3 are those of step 2 (sticky flag).
+    from dreambench.resilience import NonFiniteError
+    from dreambench.train import train
+    _poison_loss_at(monkeypatch, 3)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="non-finite loss \\(nan\\) at training step 3 of 8"):
+        train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "trainer.max_steps=8",
+                       "trainer.log_every_n_steps=5", "train.checkpoint_every_n_steps=2", "train.keep_checkpoints=3"]))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step=000002.ckpt"]
+
+
+def test_the_fused_step_is_dropped_on_the_device_without_a_host_sync():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import SyncCounter
+    from dreambench.resilience import NumericsGuard
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    trainer = SimpleNamespace(global_step=0, max_steps=10, log_every_n_steps=5, is_global_zero=True, loggers=[],
+                              callback_metrics={}, precision_plugin=SimpleNamespace(scaler=None))
+    guard = NumericsGuard("skip")
+    history = []
+    counter = SyncCounter()
+    with counter:
+        for step, grad in enumerate([1.0, float("nan"), 1.0]):
+            trainer.global_step = step
+            p.grad = torch.full((4,), grad)
+            guard.on_before_backward(trainer, None, torch.tensor(0.5 if grad == grad else grad))
+            guard.on_before_optimizer_step(trainer, None, opt)
+            opt.step()
+            history.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["step"].clone()))
+    assert counter.count == 0, counter.where  # nothing read back between checks
+    assert torch.equal(history[1][0], history[0][0]) and torch.equal(history[1][1], history[0][1])
+    assert float(history[1][2]) == 1.0 and float(history[2][2]) == 2.0  # the dropped step is not counted
+    assert not torch.equal(history[2][0], history[1][0]) and torch.isfinite(history[2][0]).all()
+    trainer.global_step = 5
+    guard.on_train_batch_end(trainer, None, None, None, 4)  # a logging step: one read, the skip reported
+    assert trainer.callback_metrics["train/skipped_steps"] == 1.0
+
+
 def _guard_step(guard, loss, grads, scaler=None):
     p = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for q, g in zip(p, grads):

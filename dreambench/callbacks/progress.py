@@ -2,7 +2,7 @@
 
 DreamBooth trains for a number of steps (trainer.max_steps), with max_epochs=-1; Lightning's rich bar then reads
 "Epoch 0/-2" (max_epochs - 1) and its metrics start with the logger's version ("v_num: lvq4"). This bar reads
-"training" (with the epoch when a run spans several) and shows the logged metrics only. Rich when it is
+"training" (with the epoch when a run spans several) and shows the losses as of the last logging step. Rich when it is
 installed (Lightning's own default), tqdm otherwise.
 """
 
@@ -25,6 +25,10 @@ class _Metrics:
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         items.pop("v_num", None)
+        # The losses as last read back on a logging step (DreamBoothModule._log_losses): showing them costs no
+        # host sync, where a prog_bar metric is read back from the device every step.
+        for k, v in (getattr(pl_module, "last_train_metrics", None) or {}).items():
+            items[k.removeprefix("train/")] = f"{v:.4g}"
         return items
 
 

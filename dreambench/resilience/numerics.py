@@ -29,13 +29,19 @@ def _grad_norms(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 class NumericsGuard(L.Callback):
-    """`on_nonfinite`: stop (raise NonFiniteError before the optimizer step) | skip (drop this step's gradients,
-    so AdamW leaves every weight and moment untouched; the LR schedule and step count still advance).
+    """`on_nonfinite`: stop (NonFiniteError; the weights stay those of the last good step) | skip (this step's
+    update is dropped: AdamW leaves every weight, moment and its step count untouched; the LR schedule and the
+    trainer's step count still advance).
 
-    Cost: one 0-d boolean read back to the host per optimizer step (on a GPU that is one sync per step; the loss
-    and all gradient norms are reduced on the device first, so it is a single sync, not one per tensor).
-    With a GradScaler (16-mixed on a GPU) inf gradients are the scaler's business — it skips the step and lowers
-    the scale — so only the loss is checked there."""
+    Without a host sync per step (fused Adam/AdamW, no GradScaler: the default): the loss and all gradient norms
+    are reduced on the device into one flag, handed to the fused kernel as its `found_inf` (the argument
+    GradScaler uses to skip a step without a sync), so a bad step's update never happens. In stop mode the flag
+    is sticky: every later step is dropped too. The flag and the first bad step are read back once per logging
+    step, before any checkpoint is written and at the last step; then the run stops naming the step, or the
+    skipped steps are reported and logged (`train/skipped_steps`).
+    Otherwise (another optimizer, or a GradScaler under 16-mixed: inf gradients are then the scaler's business
+    and only the loss is checked) the flag is read back every step and the gradients are dropped on the host.
+    """
 
     def __init__(self, on_nonfinite: str = "stop"):
         if on_nonfinite not in ("stop", "skip"):
@@ -43,6 +49,9 @@ class NumericsGuard(L.Callback):
         self.mode = on_nonfinite
         self.skipped: list[int] = []
         self._loss: torch.Tensor | None = None
+        # On the device: [first bad step (0: none), its loss, steps dropped so far]; read back at checks only.
+        self._state: torch.Tensor | None = None
+        self._reported = 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Mixed precision keeps fp32 master weights; a half-precision trainable weight (16-true, an fp16 load)
@@ -57,27 +66,104 @@ class NumericsGuard(L.Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         self._loss = loss.detach()
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        checks = [] if self._loss is None else [torch.isfinite(self._loss).all()]
+    @staticmethod
+    def _on_device(trainer, optimizer) -> bool:
+        """The fused Adam(W) kernel can drop a step on a device flag (`found_inf`); a GradScaler owns it."""
+        return (getattr(trainer.precision_plugin, "scaler", None) is None
+                and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+                and bool(optimizer.defaults.get("fused")))
+
+    def _bad_flag(self, trainer, optimizer) -> torch.Tensor | None:
+        """A 0-d bool on the device: the loss or a gradient is not finite (None: nothing to check)."""
+        checks = [] if self._loss is None else [~torch.isfinite(self._loss).all()]
         if getattr(trainer.precision_plugin, "scaler", None) is None:
             norms = _grad_norms(optimizer)
             if norms:
-                checks.append(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
-        if not checks or bool(torch.stack([c.to(checks[0].device) for c in checks]).all()):  # the one sync
+                checks.append(~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
+        if not checks:
+            return None
+        return torch.stack([c.to(checks[0].device) for c in checks]).any()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        bad = self._bad_flag(trainer, optimizer)
+        if bad is None:
             return
         step = trainer.global_step + 1
-        loss = float(self._loss) if self._loss is not None else float("nan")
+        if not self._on_device(trainer, optimizer):
+            if not bool(bad):  # the one sync of the step
+                return
+            loss = float(self._loss) if self._loss is not None else float("nan")
+            self._stop_or_skip(trainer, pl_module, [step, loss, 1.0], host=True, optimizer=optimizer)
+            return
+        loss = self._loss.float() if self._loss is not None else torch.zeros((), device=bad.device)
+        if self._state is None:
+            self._state = torch.zeros(3, dtype=torch.float64, device=bad.device)
+        first, n = self._state[0], self._state[2]
+        new_first = (first == 0) & bad
+        skip = bad | (first > 0) if self.mode == "stop" else bad  # stop: every step after the first bad is dropped
+        # Python scalars in torch.where / + stay kernel arguments: no host-to-device copy either.
+        self._state = torch.stack([torch.where(new_first, float(step), first),
+                                   torch.where(new_first, loss.to(torch.float64), self._state[1]),
+                                   n + skip.to(torch.float64)])
+        # Read by the fused kernel on the device: the update, moments and step count of a bad step stay as they
+        # were, with no host sync (the same mechanism as torch.amp.GradScaler's found_inf).
+        optimizer.found_inf = skip.to(device=optimizer.param_groups[0]["params"][0].device, dtype=torch.float32)
+        if pl_module is not None:  # DreamBoothModule reads these with its losses on logging steps: no extra sync
+            pl_module._device_flags = self._state
+
+    def _check(self, trainer, pl_module, fresh: bool = True) -> None:
+        """Act on any bad step since the last check. `fresh=False` (a logging step): the flags the module read
+        with its losses this step, as of the update before (so a bad step is known one step later; the flag
+        has dropped its update already); otherwise a read of its own."""
+        if self._state is None:
+            return
+        from dreambench.speed import read_back
+        read = getattr(pl_module, "_flags_read", None)
+        if not fresh and read is not None and read[0] == int(trainer.global_step):
+            first, loss, n = read[1]
+        else:
+            first, loss, n = read_back(self._state)
+        if first > 0 and (self.mode == "stop" or n > self._reported):
+            self._stop_or_skip(trainer, pl_module, [int(first), loss, n], host=False)
+
+    def _stop_or_skip(self, trainer, pl_module, state: list, host: bool, optimizer=None) -> None:
+        first, loss, n = int(state[0]), float(state[1]), int(state[2])
         what = f"non-finite loss ({loss})" if not torch.isfinite(torch.tensor(loss)) else "non-finite gradient"
-        where = f"{what} at training step {step} of {trainer.max_steps}"
+        where = f"{what} at training step {first} of {trainer.max_steps}"
         if self.mode == "stop":
             raise NonFiniteError(f"{where}: the run stops; weights and checkpoints are those of the last good step "
                                  f"(lower optimizer.lr, or train.on_nonfinite=skip to drop such steps)")
-        log.warning("%s: step skipped (train.on_nonfinite=skip)", where)
-        self.skipped.append(step)
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                p.grad = None
-        pl_module.log("train/skipped_steps", float(len(self.skipped)))
+        if host:  # this very step: drop its gradients, AdamW then leaves those weights alone
+            log.warning("%s: step skipped (train.on_nonfinite=skip)", where)
+            self.skipped.append(first)
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            pl_module.log("train/skipped_steps", float(len(self.skipped)))
+            return
+        more = n - self._reported
+        if self._reported == 0:
+            log.warning("%s: step skipped (train.on_nonfinite=skip)%s", where,
+                        f"; {more - 1} later step(s) skipped too" if more > 1 else "")
+        else:
+            log.warning("%d more step(s) with a non-finite loss or gradient skipped by step %d (train.on_nonfinite="
+                        "skip); %d in all", more, trainer.global_step, n)
+        self._reported = n
+        self.skipped = [first] + [0] * (n - 1)  # the count; later steps' numbers stay on the device
+        trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(n))
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({"train/skipped_steps": float(n)}, step=trainer.global_step - 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = int(trainer.global_step)  # updates done, this one included
+        if step >= int(trainer.max_steps):
+            self._check(trainer, pl_module)  # the end: this step too
+        elif step % max(1, int(trainer.log_every_n_steps)) == 0:
+            self._check(trainer, pl_module, fresh=False)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._check(trainer, pl_module)  # stop mode raises here: no checkpoint of a run gone bad is written
 
 
 def vae_needs_fp32(mode: Any, precision: Any, force_upcast: bool | None) -> bool:
