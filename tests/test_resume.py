@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose
+from helpers import TINY, compose, equal
 
 N, K = 8, 3  # the interruption is asked for after step K; it takes effect at the next step boundary
 COMMON = ["+experiment=dog", *TINY, "train.export_model=false", f"trainer.max_steps={N}", f"train.checkpoint_every_n_steps={N}",
@@ -53,14 +53,6 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +70,10 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(uninterrupted, tmp_pat
     assert metrics["steps"] == N
     part = _final(tmp_path / "run")
     assert part["global_step"] == full["global_step"] == N
-    assert _equal(part["state_dict"], full["state_dict"])  # trainable weights
-    assert _equal(part["optimizer_states"], full["optimizer_states"])  # AdamW moments and step counts
-    assert _equal(part["lr_schedulers"], full["lr_schedulers"])
-    assert _equal(part["dreambench_rng"], full["dreambench_rng"])
+    assert equal(part["state_dict"], full["state_dict"])  # trainable weights
+    assert equal(part["optimizer_states"], full["optimizer_states"])  # AdamW moments and step counts
+    assert equal(part["lr_schedulers"], full["lr_schedulers"])
+    assert equal(part["dreambench_rng"], full["dreambench_rng"])
     # Lightning's mid-epoch restart neither replays nor skips a step: N optimizer steps, one logged row per step,
     # and the same losses to the last bit (rows before the interruption kept, the rest logged by the resumed run).
     assert int(full["optimizer_states"][0]["state"][0]["step"]) == N
@@ -99,7 +91,7 @@ def test_negative_control_without_rng_restore_the_runs_differ(uninterrupted, tmp
     _interrupted_then_resumed(tmp_path / "run", monkeypatch)
     part = _final(tmp_path / "run")
     assert part["global_step"] == N
-    assert not _equal(part["state_dict"], full["state_dict"])
+    assert not equal(part["state_dict"], full["state_dict"])
     assert _rows(tmp_path / "run") != full_rows
 
 
@@ -122,7 +114,7 @@ def test_interrupted_and_resumed_run_with_ema_is_bitwise_identical(uninterrupted
     part = _final(tmp_path / "run")
     assert full["dreambench_ema"]["optimization_step"] == N // 3  # updated after steps 3 and 6
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "dreambench_rng", "dreambench_ema"):
-        assert _equal(part[key], full[key]), key
+        assert equal(part[key], full[key]), key
     assert _rows(tmp_path / "run") == full_rows
 
 
@@ -139,8 +131,8 @@ def test_negative_control_ema_left_out_of_the_checkpoint_differs(uninterrupted_e
     monkeypatch.setattr(DreamBoothModule, "on_save_checkpoint", without_ema)
     _interrupted_then_resumed(tmp_path / "run", monkeypatch, EMA)
     part = _final(tmp_path / "run")
-    assert _equal(part["state_dict"], full["state_dict"])  # training itself is unaffected
-    assert not _equal(part["dreambench_ema"], full["dreambench_ema"])
+    assert equal(part["state_dict"], full["state_dict"])  # training itself is unaffected
+    assert not equal(part["dreambench_ema"], full["dreambench_ema"])
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):

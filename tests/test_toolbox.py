@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, compose, torch_threads
+from helpers import TINY, compose, equal, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -318,14 +318,6 @@ def test_val_loss_is_the_hand_computed_mse_on_held_out_images(tmp_path, dataset_
     torch.testing.assert_close(out["val/loss_class"], err[2:].mean(), rtol=1e-5, atol=1e-7)
 
 
-def _equal(a, b) -> bool:  # as tests/test_resume.py: tensors bit for bit, containers recursively
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _val_run(run: Path, *extra: str) -> tuple[dict, list[dict]]:
@@ -346,7 +338,7 @@ def test_training_with_and_without_val_loss_is_bitwise_identical(tmp_path, monke
     on, rows = _val_run(tmp_path / "on", "train.val_loss.every_n_steps=2")
     assert [r["step"] for r in rows if r.get("val/loss")] == ["2", "4", "6"]  # after 2, 4 and 6 updates
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "dreambench_rng"):
-        assert _equal(on[key], off[key]), key
+        assert equal(on[key], off[key]), key
     # ... and that can fail: a validation loss that draws its noise from the training generator changes the run
     original = DreamBoothModule.validation_loss
 
@@ -355,7 +347,7 @@ def test_training_with_and_without_val_loss_is_bitwise_identical(tmp_path, monke
         return original(self)
     monkeypatch.setattr(DreamBoothModule, "validation_loss", leaky)
     bad, _ = _val_run(tmp_path / "bad", "train.val_loss.every_n_steps=2")
-    assert not _equal(bad["state_dict"], off["state_dict"])
+    assert not equal(bad["state_dict"], off["state_dict"])
 
 
 def test_holding_out_every_photo_is_one_line_error(tmp_path, dataset_root):
@@ -617,4 +609,4 @@ def test_interrupted_and_resumed_run_with_buckets_is_bitwise_identical(tmp_path,
     train(compose([*common, f"paths.run_dir={tmp_path / 'part'}", "resume=auto"]))
     full, part = final(tmp_path / "full"), final(tmp_path / "part")
     for key in ("state_dict", "optimizer_states", "dreambench_rng", "dreambench_ema"):
-        assert _equal(full[key], part[key]), key
+        assert equal(full[key], part[key]), key

@@ -16,14 +16,20 @@ from PIL import Image
 from dreambench.data.images import load_image
 
 
-def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """Short side to `resolution` (bicubic, antialiased), centre crop; -> [3, H, W] float in [-1, 1]."""
+def resize_crop(image: Image.Image, resolution: int, center_crop: bool = True,
+                resample: int = Image.BICUBIC) -> Image.Image:
+    """Short side to `resolution`, then a `resolution`² crop (centred, or the top-left corner)."""
     w, h = image.size
     s = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), resample)
     w, h = image.size
     left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Short side to `resolution` (bicubic, antialiased), centre crop; -> [3, H, W] float in [-1, 1]."""
+    image = resize_crop(image, resolution, center_crop)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return x / 127.5 - 1.0
 

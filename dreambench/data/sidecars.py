@@ -93,12 +93,8 @@ def load_mask(photo: Path) -> tuple[Image.Image | None, str]:
 def mask_pixels(mask: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """The geometry of `latents.preprocess` (short side to `resolution`, centre crop) applied to a mask, bilinear
     since it holds weights, not colours -> [1, H, W] float in [0, 1]."""
-    w, h = mask.size
-    s = resolution / min(w, h)
-    mask = mask.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
-    w, h = mask.size
-    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
-    mask = mask.crop((left, top, left + resolution, top + resolution))
+    from dreambench.data.latents import resize_crop
+    mask = resize_crop(mask, resolution, center_crop, Image.BILINEAR)
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
