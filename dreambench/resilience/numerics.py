@@ -47,7 +47,7 @@ class NumericsGuard(L.Callback):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite={on_nonfinite!r} must be stop or skip")
         self.mode = on_nonfinite
-        self.skipped: list[int] = []
+        self.skipped: list[int] = []  # the host path's skipped steps (the device path counts in _state)
         self._loss: torch.Tensor | None = None
         # On the device: [first bad step (0: none), its loss, steps dropped so far]; read back at checks only.
         self._state: torch.Tensor | None = None
@@ -149,7 +149,6 @@ class NumericsGuard(L.Callback):
             log.warning("%d more step(s) with a non-finite loss or gradient skipped by step %d (train.on_nonfinite="
                         "skip); %d in all", more, trainer.global_step, n)
         self._reported = n
-        self.skipped = [first] + [0] * (n - 1)  # the count; later steps' numbers stay on the device
         trainer.callback_metrics["train/skipped_steps"] = torch.tensor(float(n))
         if trainer.is_global_zero:
             for lg in trainer.loggers:
