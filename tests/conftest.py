@@ -21,8 +21,9 @@ def _share_cores_among_workers() -> None:
     """pytest -n 2 on 2 cores: each worker (and the commands it starts) gets cores // workers torch threads, the
     rule dreambench applies to DDP ranks (dreambench/utils/threads.py). torch's default, every core in each
     worker, oversubscribes the machine: issue 14 measured 20x slower steps that way. An OMP_NUM_THREADS the
-    user set wins."""
-    if "OMP_NUM_THREADS" in os.environ:
+    user set wins. Only the workers act: xdist's controller runs no test, and an OMP_NUM_THREADS it set would reach
+    the workers as if the user had set it (every worker then ran with every core)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ or "OMP_NUM_THREADS" in os.environ:
         return
     import torch
 
