@@ -7,6 +7,7 @@ prompts encode to a handful of tokens and any other text still encodes, characte
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -59,8 +60,27 @@ def tiny_vocab_and_merges(words: list[str] = WORDS) -> tuple[dict[str, int], lis
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def build_tiny_tokenizer(save_dir: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:
-    vocab, merges = tiny_vocab_and_merges()
+def trained_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """CLIP's byte alphabet plus BPE merges *learned* on `words` (HF tokenizers' BpeTrainer): unlike the merge
+    chains above, whose global ranks let one word's merge cut into another's ("b l" of "black" splits
+    "cobblestone" into 7 tokens), learned merges encode every word of the list as one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(sorted(set(words)), trainers.BpeTrainer(
+        vocab_size=1 << 20, min_frequency=0, end_of_word_suffix="</w>", show_progress=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_list = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def build_tiny_tokenizer(save_dir: str | Path | None = None, model_max_length: int = 77,
+                         words: list[str] | None = None) -> CLIPTokenizer:
+    """words=None: model=tiny's tokenizer (fixed merge chains of WORDS); a list: merges learned on it."""
+    vocab, merges = tiny_vocab_and_merges() if words is None else trained_vocab_and_merges(words)
     tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=model_max_length)
     if save_dir is not None:
         tok.save_pretrained(str(save_dir))

@@ -1,0 +1,119 @@
+"""The toy world (dreambench.world, issue 12): deterministic, in DreamBench's layout, read by the same tools, and
+built so that a subject is more than its class."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from helpers import compose
+
+from dreambench.world.scene import CLASSES, CONTEXTS, Scene, render
+from dreambench.world.world import (
+    PHOTO_SIZE,
+    PROMPTS,
+    WORDS,
+    member,
+    photo,
+    prompt_scene,
+    subjects,
+    write_world,
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("world") / "toy-world", seed=0, progress=False)
+
+
+def _digest(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_world_is_the_same_every_time_and_another_seed_is_another_world(world, tmp_path):
+    again = write_world(tmp_path / "again", seed=0, progress=False)
+    assert _digest(again) == _digest(world)
+    other = {k: v for k, v in _digest(write_world(tmp_path / "other", seed=1, progress=False)).items()
+             if k.endswith(".png")}
+    mine = {k: v for k, v in _digest(world).items() if k.endswith(".png")}
+    assert set(mine.values()).isdisjoint(other.values())
+
+
+def test_the_world_is_a_dreambench_folder_every_tool_reads(world):
+    from dreambench.data import dreambench as db
+    from dreambench.data.images import validate_image_folder
+
+    subs = db.subjects(world)
+    assert len(subs) == 20 and {s.class_noun for s in subs} == set(CLASSES)
+    assert not any(s.live for s in subs)
+    for s in subs:
+        photos = validate_image_folder(s.folder, min_size=PHOTO_SIZE)
+        assert 3 <= len(photos) <= 6, s.name
+        assert len(s.prompt_templates) == 25
+    assert db.fill_prompt(subs[0].prompt_templates[0], "sks", "ball") == "a sks ball in the jungle"
+    # Every tool takes it by path: the training config's own preflight (keys, data set, photos, class images).
+    from dreambench.train import preflight
+    cfg = compose(["model=tiny", f"paths.dataset_dir={world}", "data.subject=cup2", "data.class_noun=cup",
+                   "data.live=false", "logger=csv"])
+    preflight(cfg)
+
+
+def test_members_never_show_an_emblem_and_subjects_always_do():
+    # The class prior cannot produce a subject: only subjects carry an emblem (and a non-plain pattern).
+    scenes = [member(0, i)[0] for i in range(400)]
+    assert all(s.thing.mark is None for s in scenes)
+    assert {s.thing.cls for s in scenes} == set(CLASSES) and {s.context for s in scenes} == set(CONTEXTS)
+    subs = subjects(0)
+    assert all(t.mark is not None and t.pattern != "plain" for t in subs.values())
+    # Two subjects of a class differ in how they look, not only in name.
+    for cls in CLASSES:
+        a, b = (t for t in subs.values() if t.cls == cls)
+        assert (a.colour, a.pattern, a.mark) != (b.colour, b.pattern, b.mark)
+
+
+def test_captions_say_what_is_drawn():
+    for i in range(300):
+        scene, caption = member(0, i)
+        words = caption.split()
+        assert scene.thing.cls in words
+        assert (scene.accessory or "") in caption and ("shiny" in words) == scene.shiny
+        if scene.context and scene.context not in caption:
+            assert caption.endswith(scene.thing.cls) or scene.accessory
+
+
+def test_the_emblem_and_the_context_change_the_picture():
+    subject = subjects(0)["ball1"]
+    with_mark = np.asarray(render(Scene(subject, "in the snow"), 64), dtype=np.float32)
+    from dataclasses import replace
+    without = np.asarray(render(Scene(replace(subject, mark=None), "in the snow"), 64), dtype=np.float32)
+    elsewhere = np.asarray(render(Scene(subject, "at night"), 64), dtype=np.float32)
+    changed = np.abs(with_mark - without).max(-1) > 30
+    assert 10 < changed.sum() < 200  # a small emblem: visible, not the whole object
+    assert np.abs(with_mark - elsewhere).mean() > 30
+
+
+def test_prompts_draw_what_they_say():
+    subject = subjects(0)["car2"]
+    assert len(PROMPTS) == 25
+    jungle = prompt_scene(subject, PROMPTS[0], 0)
+    assert jungle.context == "in the jungle" and jungle.thing == subject
+    hat = prompt_scene(subject, "a {0} {1} wearing a santa hat", 0)
+    assert hat.accessory == "wearing a santa hat" and hat.context == ""
+    red = prompt_scene(subject, "a red {0} {1}", 0)
+    assert red.thing.colour != subject.colour and red.thing.mark == subject.mark
+    assert prompt_scene(subject, "a shiny {0} {1}", 0).shiny
+
+
+def test_photos_vary_in_pose_and_background():
+    subject = subjects(0)["fish1"]
+    shots = [photo(subject, 0, 16, k) for k in range(6)]
+    assert len({(s.x, s.tilt, s.mirror) for s in shots}) == 6 and len({s.seed for s in shots}) == 6
+
+
+def test_the_toy_tokenizer_has_one_token_for_every_word_of_the_world():
+    from dreambench.models.toy import IDENTIFIERS, build_tokenizer
+    tok = build_tokenizer()
+    for word in [*WORDS, *IDENTIFIERS]:
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
