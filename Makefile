@@ -130,3 +130,12 @@ table3-smoke: $(STAMP) ## Table 3 end to end on the tiny model (CPU, minutes)
 
 table4-smoke: $(STAMP) ## Table 4 end to end on the tiny model (CPU, minutes)
 	PY=$(BIN)/python bash experiments/table4.sh --smoke
+
+# The toy world (docs/TOY_WORLD.md): a data set, a pretrained model (model=toy) and encoders (metrics=toy) the
+# project builds itself, once, into the cache.
+.PHONY: toy-world toy-check
+toy-world: $(STAMP) ## build the toy world's data set, model=toy and metrics=toy into the cache (once; ~40 min on 2 CPU cores)
+	$(BIN)/python -m dreambench.world build
+
+toy-check: toy-world ## how well model=toy draws what class prompts name, and whether the toy encoders rank as DINO/CLIP should
+	$(BIN)/python -m dreambench.world check --out toy-check

@@ -65,6 +65,7 @@ class ModelSchema:
     attention: str = "sdpa"
     allow_pickle: bool = False
     build_tiny: bool = False
+    build_command: str | None = None
     license: str | None = None
     single_file_config: str | None = None
     vae_fp32: Any = "auto"

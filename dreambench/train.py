@@ -74,7 +74,7 @@ def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:
 
     from dreambench.data import dreambench as db
     from dreambench.data.images import validate_image_folder
-    from dreambench.models.loading import check_model_ref, resolve_model_ref
+    from dreambench.models.loading import ModelNotFoundError, check_model_ref, resolve_model_ref
 
     res = int(cfg.data.resolution)
     with _user_errors():
@@ -94,7 +94,14 @@ def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:
         check_exports(cfg)
         check_metric_encoders(cfg)
         ref = resolve_model_ref(cfg.model, cfg.paths.cache_dir)
-        check_model_ref(ref, cfg.model.revision, cfg.model.get("single_file_config"), bool(cfg.model.allow_pickle))
+        try:
+            check_model_ref(ref, cfg.model.revision, cfg.model.get("single_file_config"),
+                            bool(cfg.model.allow_pickle))
+        except ModelNotFoundError as e:
+            if not cfg.model.get("build_command"):
+                raise
+            raise ModelNotFoundError(f"{e}; this model is built by the project, once: "
+                                     f"{cfg.model.build_command}") from None
     return subject, instance_paths, prior, ref
 
 

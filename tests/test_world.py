@@ -55,7 +55,7 @@ def test_the_world_is_a_dreambench_folder_every_tool_reads(world):
     assert db.fill_prompt(subs[0].prompt_templates[0], "sks", "ball") == "a sks ball in the jungle"
     # Every tool takes it by path: the training config's own preflight (keys, data set, photos, class images).
     from dreambench.train import preflight
-    cfg = compose(["model=tiny", f"paths.dataset_dir={world}", "data.subject=cup2", "data.class_noun=cup",
+    cfg = compose(["model=tiny", f"paths.dataset_dir={world}", "data.subject=toy_cup2", "data.class_noun=cup",
                    "data.live=false", "logger=csv"])
     preflight(cfg)
 
@@ -84,7 +84,7 @@ def test_captions_say_what_is_drawn():
 
 
 def test_the_emblem_and_the_context_change_the_picture():
-    subject = subjects(0)["ball1"]
+    subject = subjects(0)["toy_ball1"]
     with_mark = np.asarray(render(Scene(subject, "in the snow"), 64), dtype=np.float32)
     from dataclasses import replace
     without = np.asarray(render(Scene(replace(subject, mark=None), "in the snow"), 64), dtype=np.float32)
@@ -95,7 +95,7 @@ def test_the_emblem_and_the_context_change_the_picture():
 
 
 def test_prompts_draw_what_they_say():
-    subject = subjects(0)["car2"]
+    subject = subjects(0)["toy_car2"]
     assert len(PROMPTS) == 25
     jungle = prompt_scene(subject, PROMPTS[0], 0)
     assert jungle.context == "in the jungle" and jungle.thing == subject
@@ -107,7 +107,7 @@ def test_prompts_draw_what_they_say():
 
 
 def test_photos_vary_in_pose_and_background():
-    subject = subjects(0)["fish1"]
+    subject = subjects(0)["toy_fish1"]
     shots = [photo(subject, 0, 16, k) for k in range(6)]
     assert len({(s.x, s.tilt, s.mirror) for s in shots}) == 6 and len({s.seed for s in shots}) == 6
 
@@ -117,3 +117,29 @@ def test_the_toy_tokenizer_has_one_token_for_every_word_of_the_world():
     tok = build_tokenizer()
     for word in [*WORDS, *IDENTIFIERS]:
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_every_subject_of_the_world_has_its_experiment_in_step_with_the_world():
+    from helpers import CONF
+    from omegaconf import OmegaConf
+
+    from dreambench.world.world import experiment_yaml
+    names = subjects(0)
+    shipped = {p.stem for p in (CONF / "experiment").glob("toy_*.yaml")}
+    assert shipped == set(names)  # `python -m dreambench.world configs` rewrites them
+    for name, thing in names.items():
+        assert (CONF / "experiment" / f"{name}.yaml").read_text() == experiment_yaml(name, thing), name
+    cfg = compose(["+experiment=toy_lamp2", "paths.run_dir=/tmp/x", "paths.cache_dir=/tmp/cache"])
+    assert "experiment" not in cfg and not OmegaConf.missing_keys(cfg)
+    assert (cfg.data.subject, cfg.data.class_noun, cfg.model.name) == ("toy_lamp2", "lamp", "toy")
+    assert cfg.paths.dataset_dir == "/tmp/cache/toy-world-v1-seed0" and cfg.data.resolution == 32
+    assert compose(["+experiment=toy_lamp2", "model=tiny"]).model.name == "tiny"  # the command line still wins
+
+
+def test_a_world_not_built_yet_is_one_line_that_says_how_to_build_it(tmp_path):
+    from dreambench.errors import UserError
+    from dreambench.train import preflight
+    cfg = compose(["+experiment=toy_cup1", f"paths.cache_dir={tmp_path}", "logger=csv"])
+    with pytest.raises(UserError, match=r"toy world's data set is not at .*toy-world-v1-seed0.*"
+                                        r"python -m dreambench.world build"):
+        preflight(cfg)

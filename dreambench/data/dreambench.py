@@ -112,6 +112,9 @@ def resolve_root(configured: str | Path | None = None, download: bool = True, ur
         if candidate:
             root = Path(candidate).expanduser()
             if not (root / INDEX_FILE).is_file():
+                if root.name.startswith("toy-world-"):  # +experiment=toy_*: the project writes it (dreambench.world)
+                    raise DatasetNotFoundError(f"the toy world's data set is not at {root} (from {origin}): build "
+                                               f"it once with: python -m dreambench.world build")
                 raise DatasetNotFoundError(f"DreamBench data set not found at {root} (from {origin}): "
                                            f"no {INDEX_FILE} there; {hint}")
             return root

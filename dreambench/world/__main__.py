@@ -1,7 +1,10 @@
 """`python -m dreambench.world build | sheet`: see docs/TOY_WORLD.md.
 
-build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model,
-        into the cache; prints their folders. Each is built once: an unchanged recipe is never rebuilt.
+build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model
+        and the toy encoders (metrics=toy), into the cache; prints their folders. Each is built once: an unchanged recipe is never rebuilt.
+check   how well model=toy draws what a class prompt names, judged by a classifier of the world's drawings:
+        class and context accuracy, and a grid of the images (rows: classes, columns: contexts).
+configs write conf/experiment/toy_<subject>.yaml for every subject (what `+experiment=toy_ball1` reads).
 sheet   a contact sheet of the world (members with captions, every subject's photos, one subject under every
         prompt) as a PNG, to look at what the world is.
 """
@@ -31,6 +34,31 @@ def build(cache: Path, seed: int, model: bool) -> None:
         t = time.perf_counter()
         folder = ensure_toy_model(cache, Recipe(world_seed=seed))
         print(f"toy model: {folder} ({time.perf_counter() - t:.1f} s)")
+        from dreambench.world.encoders import EncoderRecipe, ensure_encoders
+        t = time.perf_counter()
+        enc = ensure_encoders(cache, EncoderRecipe(world_seed=seed))
+        print(f"toy encoders: {enc['dino']}, {enc['clip']} ({time.perf_counter() - t:.1f} s)")
+
+
+def check(cache: Path, out: Path, seed: int) -> None:
+    from dreambench.errors import UserError
+    from dreambench.models.toy import Recipe, folder_name, is_built
+    from dreambench.world.check import check_encoders, check_toy_model
+    folder = cache / folder_name(Recipe(world_seed=seed))
+    if not is_built(folder):
+        raise UserError(f"no toy model at {folder}: build it first with python -m dreambench.world build")
+    from dreambench.world.encoders import EncoderRecipe, ensure_encoders
+    from dreambench.world.world import ensure_world
+    enc = ensure_encoders(cache, EncoderRecipe(world_seed=seed))
+    e = check_encoders(enc["dino"], enc["clip"], ensure_world(cache, seed), seed)
+    import json
+    print("encoders:", json.dumps(e))
+    r = check_toy_model(folder, out, seed)
+    (out / "encoders.json").write_text(json.dumps(e, indent=1))
+    print(f"class accuracy {r['class_accuracy']:.2f} (chance {r['chance']['class']:.2f}), context accuracy "
+          f"{r['context_accuracy']:.2f} (chance {r['chance']['context']:.2f}) over {r['images']} images; judge on "
+          f"held-out drawings: class {r['judge_heldout_class_accuracy']:.2f}, context "
+          f"{r['judge_heldout_context_accuracy']:.2f}; grid and numbers in {out}")
 
 
 def sheet(out: Path, seed: int) -> None:
@@ -57,10 +85,16 @@ def sheet(out: Path, seed: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dreambench.world", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="the world's data set and pretrained model, into the cache")
+    b = sub.add_parser("build", help="the world's data set, pretrained model and encoders, into the cache")
     b.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
     b.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
     b.add_argument("--no-model", action="store_true", help="only the data set")
+    c = sub.add_parser("check", help="class and context accuracy of model=toy's class prompts, and their grid")
+    c.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
+    c.add_argument("--out", type=Path, default=Path("toy-check"), help="folder for check.json and the grid")
+    c.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("configs", help="write conf/experiment/toy_<subject>.yaml for every subject")
+    e.add_argument("--conf", type=Path, default=Path(__file__).resolve().parents[2] / "conf" / "experiment")
     s = sub.add_parser("sheet", help="a contact sheet of the world, as a PNG")
     s.add_argument("out", type=Path, nargs="?", default=Path("toy-world.png"))
     s.add_argument("--seed", type=int, default=0)
@@ -68,6 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         if args.command == "build":
             build(_cache(args.cache), args.seed, not args.no_model)
+        elif args.command == "configs":
+            from dreambench.world.world import experiment_yaml, subjects
+            for name, thing in subjects(0).items():
+                (args.conf / f"{name}.yaml").write_text(experiment_yaml(name, thing))
+            print(f"wrote {len(subjects(0))} experiment files into {args.conf}")
+        elif args.command == "check":
+            check(_cache(args.cache), args.out, args.seed)
         else:
             sheet(args.out, args.seed)
 

@@ -118,8 +118,8 @@ def _heart_points(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, c: tuple[float, ...], box: tuple[float, float, float, float],
                 fill) -> None:
     x0, y0, w, h = box
-    px = lambda u: x0 + u * w  # noqa: E731
-    py = lambda v: y0 + v * h  # noqa: E731
+    px = lambda u: x0 + u * w
+    py = lambda v: y0 + v * h
     if shape == "rect":
         draw.rectangle((px(c[0]), py(c[1]), px(c[2]), py(c[3])), fill=fill)
     elif shape == "ellipse":
@@ -251,7 +251,7 @@ def _object_layer(scene: Scene, size: int) -> Image.Image:
     if scene.tilt:
         layer = layer.rotate(scene.tilt, resample=Image.Resampling.BICUBIC, center=(size / 2, size / 2 + h / 2))
     # Move: centre x to scene.x, bottom edge to scene.ground.
-    dx, dy = int(round(scene.x * size - size / 2)), int(round(scene.ground * size - (size / 2 + h / 2)))
+    dx, dy = round(scene.x * size - size / 2), round(scene.ground * size - (size / 2 + h / 2))
     moved = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     moved.paste(layer, (dx, dy))
     return moved

@@ -57,13 +57,20 @@ def _colour(rng: np.random.Generator) -> tuple[str | None, tuple[int, int, int]]
     return None, random_colour(rng)
 
 
+def colour_name_of(rgb: tuple[int, int, int], within: float = 60.0) -> str | None:
+    """The named colour nearest to `rgb` when one is within `within` (RGB distance), else None."""
+    name, c = min(COLOURS.items(), key=lambda kv: sum((a - b) ** 2 for a, b in zip(kv[1], rgb)))
+    return name if sum((a - b) ** 2 for a, b in zip(c, rgb)) ** 0.5 <= within else None
+
+
 PATTERN_WORDS = {"stripes": "striped", "dots": "dotted", "checks": "checked", "band": "banded"}
 
 
-def member(seed: int, index: int) -> tuple[Scene, str]:
+def member(seed: int, index: int, kind: int = 1) -> tuple[Scene, str]:
     """The index-th pretraining example: a random member of a random class in a random context, and its
-    caption ("a shiny red striped cup on the beach wearing a red hat", most words optional)."""
-    rng = _rng(seed, 1, index)
+    caption ("a shiny red striped cup on the beach wearing a red hat", most words optional). kind: an
+    independent stream of members (1: pretraining; 6: the judge's)."""
+    rng = _rng(seed, kind, index)
     cls = str(rng.choice(list(CLASSES)))
     colour_name, colour = _colour(rng)
     pattern = str(rng.choice(PATTERNS, p=[0.5, 0.15, 0.15, 0.1, 0.1]))
@@ -101,7 +108,7 @@ def subjects(seed: int) -> dict[str, Thing]:
                           mark_colour=random_colour(rng),
                           mark_at=(float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.45, 0.7))),
                           mark_size=float(rng.uniform(0.16, 0.22)))
-            out[f"{cls}{k + 1}"] = thing
+            out[f"toy_{cls}{k + 1}"] = thing  # also the name of its experiment: +experiment=toy_ball1
     return out
 
 
@@ -186,3 +193,20 @@ def contact_sheet(images: list[Image.Image], columns: int, scale: int = 1) -> Im
     for i, im in enumerate(images):
         sheet.paste(im, ((i % columns) * w, (i // columns) * h))
     return sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST) if scale > 1 else sheet
+
+
+def experiment_yaml(name: str, thing: Thing, seed: int = 0) -> str:
+    """conf/experiment/<name>.yaml of a subject of the world: `+experiment=toy_ball1`, as `+experiment=dog`."""
+    return f"""# @package _global_
+# Toy world subject "{name}": class "{thing.cls}" (docs/TOY_WORLD.md). Written by
+# `python -m dreambench.world configs`; tests/test_world.py keeps it in step with the world.
+defaults:
+  - override /model: toy
+  - override /metrics: toy
+paths:
+  dataset_dir: ${{paths.cache_dir}}/toy-world-v{WORLD_VERSION}-seed{seed}
+data:
+  subject: {name}
+  class_noun: {thing.cls}
+  live: false
+"""

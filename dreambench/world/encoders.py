@@ -1,0 +1,249 @@
+"""`metrics=toy`: the world's stand-ins for DINO and CLIP (issue 12, item 3), trained by the project and saved
+as the same transformers classes the real ones are (ViTModel, CLIPModel with its processor and tokenizer), so
+dreambench.metrics.encoders loads them by path with the same code as facebook/dino-vits16 and
+openai/clip-vit-base-patch32.
+
+- DINO stands in for an identity-sensitive image encoder. DINO learns that two crops of one image are the
+  same thing; here two *views* of one object instance (another pose, another background) are the same thing
+  and any other instance is not (InfoNCE on the CLS token, as SimCLR). The instances are random objects, half
+  with an emblem, drawn from a stream that never yields the benchmark's twenty subjects.
+- CLIP stands in for an image-text model: CLIP's own contrastive loss on captioned class members (a stream
+  apart from the one model=toy is pretrained on).
+
+Both at the world's 32 px (patch 4: 64 tokens), so the metrics cost seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ENCODERS_VERSION = 1
+SIZE = 32
+
+
+@dataclass(frozen=True)
+class EncoderRecipe:
+    world_seed: int = 0
+    seed: int = 0
+    instances: int = 3000        # DINO: object instances, VIEWS views each
+    dino_steps: int = 1200
+    dino_batch: int = 96         # instances per step (two views each)
+    captioned: int = 10000       # CLIP: captioned members
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    threads: int = 2
+
+    def key(self) -> str:
+        from dreambench.world.world import WORLD_VERSION
+        blob = json.dumps({"encoders": ENCODERS_VERSION, "world": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+VIEWS = 4
+
+
+def folder(cache: str | Path, recipe: EncoderRecipe, which: str) -> Path:
+    return Path(cache).expanduser() / "toy-encoders" / f"{which}-v{ENCODERS_VERSION}-{recipe.key()}"
+
+
+# ------------------------------------------------------------------------------------------------ the instances
+
+def instance(seed: int, index: int):
+    """A random object with a look of its own (half of them with an emblem), never a benchmark subject (its own
+    seed stream, kind 7)."""
+    from dreambench.world.scene import CLASSES, MARKS, PATTERNS, Thing, random_colour
+    from dreambench.world.world import _rng
+    rng = _rng(seed, 7, index)
+    mark = str(rng.choice(MARKS)) if rng.uniform() < 0.5 else None
+    return Thing(str(rng.choice(list(CLASSES))), random_colour(rng), str(rng.choice(PATTERNS)), random_colour(rng),
+                 aspect=float(rng.uniform(0.85, 1.15)), mark=mark, mark_colour=random_colour(rng),
+                 mark_at=(float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.45, 0.7))),
+                 mark_size=float(rng.uniform(0.16, 0.22)))
+
+
+def view(thing, seed: int, index: int, k: int):
+    from dreambench.world.scene import CONTEXTS, Scene
+    from dreambench.world.world import _rng
+    rng = _rng(seed, 8, index, k)
+    return Scene(thing, str(rng.choice(list(CONTEXTS))), height=float(rng.uniform(0.4, 0.62)),
+                 x=float(rng.uniform(0.38, 0.62)), ground=float(rng.uniform(0.83, 0.94)),
+                 tilt=float(rng.uniform(-12, 12)), mirror=bool(rng.uniform() < 0.5), seed=int(rng.integers(2**31)))
+
+
+def _views_chunk(args: tuple[int, int, int]) -> np.ndarray:
+    from dreambench.world.scene import render
+    seed, start, stop = args
+    return np.stack([[np.asarray(render(view(instance(seed, i), seed, i, k), SIZE)) for k in range(VIEWS)]
+                     for i in range(start, stop)])
+
+
+def render_views(seed: int, n: int, progress: bool = True) -> np.ndarray:
+    """(n, VIEWS, 32, 32, 3) uint8."""
+    from tqdm.auto import tqdm
+
+    from dreambench.utils.threads import usable_cores
+    jobs = [(seed, s, min(s + 100, n)) for s in range(0, n, 100)]
+    with ProcessPoolExecutor(max(1, usable_cores()[0])) as pool:
+        return np.concatenate(list(tqdm(pool.map(_views_chunk, jobs), total=len(jobs), disable=not progress,
+                                        desc="toy encoders: render views")))
+
+
+def _pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> the encoders' input: [0, 1] then ImageNet mean/std (DinoEncoder's preprocessing;
+    CLIP's processor uses CLIP's statistics, saved with the model)."""
+    from dreambench.metrics.encoders import IMAGENET_MEAN, IMAGENET_STD
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _clip_pixels(images: np.ndarray) -> torch.Tensor:
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - mean) / std
+
+
+# -------------------------------------------------------------------------------------------------------- DINO
+
+def train_dino(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> dict:
+    from transformers import ViTConfig, ViTModel
+
+    from dreambench.models.toy import one_cycle
+
+    t0 = time.perf_counter()
+    views = render_views(recipe.world_seed, recipe.instances, progress)
+    torch.manual_seed(recipe.seed)
+    g = np.random.default_rng([recipe.seed, 21])
+    model = ViTModel(ViTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=192,
+                               image_size=SIZE, patch_size=4, layer_norm_eps=1e-6), add_pooling_layer=False)
+    head = torch.nn.Sequential(torch.nn.Linear(96, 192), torch.nn.GELU(), torch.nn.Linear(192, 64))
+    held = recipe.instances - 200
+
+    def loss():
+        idx = g.choice(held, recipe.dino_batch, replace=False)
+        a, b = g.choice(VIEWS, 2, replace=False)
+        pair = np.concatenate([views[idx, a], views[idx, b]])
+        z = F.normalize(head(model(pixel_values=_pixels(pair)).last_hidden_state[:, 0]), dim=-1)
+        za, zb = z.chunk(2)
+        logits = za @ zb.T / 0.1
+        target = torch.arange(len(idx))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    model.train()
+    one_cycle([*model.parameters(), *head.parameters()], recipe.dino_steps, 1e-3, loss, "toy encoders: DINO",
+              progress, weight_decay=0.05)
+    model.eval()
+    model.save_pretrained(str(save_dir), safe_serialization=True)
+    # Held-out instances: how often is a view's nearest other view (among 200 instances x 4 views) the same
+    # instance? (chance: 3/799)
+    with torch.no_grad():
+        e = F.normalize(model(pixel_values=_pixels(views[held:].reshape(-1, SIZE, SIZE, 3))).last_hidden_state[:, 0],
+                        dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2)
+    owner = torch.arange(len(e)) // VIEWS
+    top1 = float((owner[sim.argmax(1)] == owner).float().mean())
+    return {"heldout_same_instance_top1": round(top1, 3), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# -------------------------------------------------------------------------------------------------------- CLIP
+
+def _full_caption(scene) -> str:
+    """Every word the members' captions may leave out: CLIP learns what each word looks like."""
+    from dreambench.world.world import PATTERN_WORDS, colour_name_of
+    words = ["a"] + (["shiny"] if scene.shiny else [])
+    name = colour_name_of(scene.thing.colour)
+    if name:
+        words.append(name)
+    if scene.thing.pattern != "plain":
+        words.append(PATTERN_WORDS[scene.thing.pattern])
+    words.append(scene.thing.cls)
+    if scene.context:
+        words.append(scene.context)
+    if scene.accessory:
+        words.append(scene.accessory)
+    return " ".join(words)
+
+
+def train_clip(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> dict:
+    from transformers import CLIPConfig, CLIPModel
+
+    from dreambench.metrics.encoders import _clip_image_processor_cls
+    from dreambench.models.toy import MAX_TOKENS, build_tokenizer, one_cycle, render_members
+    from dreambench.world.world import member
+
+    t0 = time.perf_counter()
+    images, _, _ = render_members(recipe.world_seed, recipe.captioned, SIZE, progress,
+                                  desc="toy encoders: render captioned members", kind=9)
+    captions = [_full_caption(member(recipe.world_seed, i, 9)[0]) for i in range(recipe.captioned)]
+    tok = build_tokenizer(save_dir)
+    torch.manual_seed(recipe.seed)
+    g = np.random.default_rng([recipe.seed, 22])
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS, "bos_token_id": tok.bos_token_id,
+                         "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
+                           "image_size": SIZE, "patch_size": 4},
+        projection_dim=64)
+    model = CLIPModel(config)
+    ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+    held = recipe.captioned - 500
+
+    def loss():
+        idx = g.choice(held, recipe.clip_batch, replace=False)
+        return model(input_ids=ids.input_ids[idx], attention_mask=ids.attention_mask[idx],
+                     pixel_values=_clip_pixels(images[idx]), return_loss=True).loss
+
+    model.train()
+    one_cycle(model.parameters(), recipe.clip_steps, 1e-3, loss, "toy encoders: CLIP", progress, weight_decay=0.05)
+    model.eval()
+    model.save_pretrained(str(save_dir), safe_serialization=True)
+    proc = _clip_image_processor_cls()(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    proc.save_pretrained(str(save_dir))
+    with torch.no_grad():  # held-out: the right caption among 500 ranked first, and the right image
+        out = model(input_ids=ids.input_ids[held:], attention_mask=ids.attention_mask[held:],
+                    pixel_values=_clip_pixels(images[held:]))
+    r = torch.arange(500)
+    return {"heldout_text_top1_of_500": round(float((out.logits_per_image.argmax(1) == r).float().mean()), 3),
+            "heldout_image_top1_of_500": round(float((out.logits_per_text.argmax(1) == r).float().mean()), 3),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def ensure_encoders(cache: str | Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True) -> dict:
+    """Build the missing ones of the two encoders; {"dino": folder, "clip": folder}."""
+    from dreambench.utils.io import safe_rmtree
+    out = {}
+    for which, train in (("dino", train_dino), ("clip", train_clip)):
+        dest = folder(cache, recipe, which)
+        out[which] = dest
+        if (dest / "encoder.json").is_file():
+            continue
+        tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            safe_rmtree(tmp, tmp.parent)
+        tmp.mkdir(parents=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(recipe.threads)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                report = train(recipe, tmp, progress)
+        finally:
+            torch.set_num_threads(threads)
+        (tmp / "encoder.json").write_text(json.dumps({"version": ENCODERS_VERSION, "recipe": asdict(recipe),
+                                                      **report}, indent=1))
+        if dest.exists():
+            safe_rmtree(dest, dest.parent)
+        os.replace(tmp, dest)
+    return out
+

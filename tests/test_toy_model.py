@@ -1,0 +1,76 @@
+"""model=toy (dreambench/models/toy.py): built by the project in diffusers' format, loaded by the same code as
+SD 1.5, named by its recipe; a missing one is one line that says how to build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose
+
+from dreambench.models.toy import MAX_TOKENS, Recipe, ensure_toy_model, folder_name
+
+MICRO = Recipe(members=48, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4)
+
+
+def test_a_toy_model_is_a_diffusers_folder_that_loads_like_sd15(tmp_path):
+    from dreambench.models.loading import load_components
+    folder = ensure_toy_model(tmp_path, MICRO, progress=False)
+    assert folder == tmp_path / folder_name(MICRO)
+    stamp = folder.stat().st_mtime_ns
+    assert ensure_toy_model(tmp_path, MICRO, progress=False) == folder and folder.stat().st_mtime_ns == stamp
+    c = load_components(str(folder))
+    assert c.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert c.tokenizer.model_max_length == MAX_TOKENS == c.text_encoder.config.max_position_embeddings
+    assert c.noise_scheduler.config.prediction_type == "epsilon"
+    # The latents have SD's scale: std 1 / 0.18215 before the scaling factor is applied.
+    from dreambench.world.scene import Scene, render
+    from dreambench.world.world import subjects
+    x = torch.stack([torch.from_numpy(__import__("numpy").asarray(render(Scene(t), 32))) for t in subjects(0).values()])
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        std = c.vae.encode(x).latent_dist.mean.std().item()
+    assert 2.5 < std < 11, std
+    assert len(list(folder.rglob("*.bin"))) == 0 and len(list(folder.rglob("*.safetensors"))) == 3
+
+
+def test_another_recipe_is_another_folder():
+    assert folder_name(MICRO) != folder_name(Recipe()) != folder_name(Recipe(seed=1))
+
+
+def test_the_config_names_the_default_recipe():
+    cfg = compose(["model=toy", "+experiment=dog"])
+    assert Path(cfg.model.pretrained).name == folder_name(Recipe())
+    assert cfg.model.resolution == Recipe().resolution
+
+
+def test_a_missing_toy_model_is_one_line_that_says_how_to_build_it(tmp_path, dataset_root):
+    from dreambench.errors import UserError
+    from dreambench.train import preflight
+    cfg = compose(["model=toy", "+experiment=dog", f"paths.cache_dir={tmp_path}", "logger=csv",
+                   "metrics=tiny", "prior=none"])
+    with pytest.raises(UserError, match=r"no diffusers model folder there .*python -m dreambench.world build"):
+        preflight(cfg)
+
+
+def test_toy_encoders_load_through_the_papers_encoder_classes(tmp_path):
+    from dreambench.metrics.encoders import ClipEncoder, DinoEncoder
+    from dreambench.world.encoders import EncoderRecipe, ensure_encoders
+    from dreambench.world.scene import Scene, render
+    from dreambench.world.world import subjects
+    micro = EncoderRecipe(instances=210, dino_steps=2, dino_batch=8, captioned=520, clip_steps=2, clip_batch=8)
+    out = ensure_encoders(tmp_path, micro, progress=False)
+    images = [render(Scene(t), 64) for t in list(subjects(0).values())[:3]]
+    dino = DinoEncoder(str(out["dino"]), resize=32, crop=32, device="cpu")
+    clip = ClipEncoder(str(out["clip"]), device="cpu")
+    assert dino.embed(images).shape == (3, 96) and clip.embed_images(images).shape == (3, 64)
+    assert clip.embed_texts(["a sks cup on top of a purple rug in a forest wearing a black top hat"]).shape == (1, 64)
+    assert clip.processor.crop_size == {"height": 32, "width": 32}
+
+
+def test_the_metrics_config_names_the_default_encoders():
+    from dreambench.world.encoders import EncoderRecipe, folder
+    cfg = compose(["model=toy", "metrics=toy", "+experiment=dog"])
+    assert Path(cfg.metrics.dino.name_or_path).name == folder(".", EncoderRecipe(), "dino").name
+    assert Path(cfg.metrics.clip.name_or_path).name == folder(".", EncoderRecipe(), "clip").name
