@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import compose
@@ -27,7 +28,7 @@ def test_a_toy_model_is_a_diffusers_folder_that_loads_like_sd15(tmp_path):
     # The latents have SD's scale: std 1 / 0.18215 before the scaling factor is applied.
     from dreambench.world.scene import Scene, render
     from dreambench.world.world import subjects
-    x = torch.stack([torch.from_numpy(__import__("numpy").asarray(render(Scene(t), 32))) for t in subjects(0).values()])
+    x = torch.stack([torch.from_numpy(np.array(render(Scene(t), 32))) for t in subjects(0).values()])
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         std = c.vae.encode(x).latent_dist.mean.std().item()

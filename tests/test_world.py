@@ -143,3 +143,16 @@ def test_a_world_not_built_yet_is_one_line_that_says_how_to_build_it(tmp_path):
     with pytest.raises(UserError, match=r"toy world's data set is not at .*toy-world-v1-seed0.*"
                                         r"python -m dreambench.world build"):
         preflight(cfg)
+
+
+def test_a_world_folder_from_before_a_subject_changed_is_written_again(tmp_path):
+    import json
+
+    from dreambench.world.world import ensure_world
+    root = ensure_world(tmp_path, progress=False)
+    meta = json.loads((root / "world.json").read_text())
+    meta["subjects"] = {k.removeprefix("toy_"): v for k, v in meta["subjects"].items()}  # the names of an older world
+    (root / "world.json").write_text(json.dumps(meta))
+    (root / "toy_cup1").rename(root / "cup1")
+    root = ensure_world(tmp_path, progress=False)
+    assert (root / "toy_cup1").is_dir() and not (root / "cup1").exists()

@@ -175,7 +175,9 @@ def is_built(root: Path, seed: int) -> bool:
     if not marker.is_file():
         return False
     meta = json.loads(marker.read_text())
-    return meta.get("version") == WORLD_VERSION and meta.get("seed") == seed
+    # The subjects too: a folder written before a subject's name or look changed is rewritten (json: lists).
+    same = json.loads(json.dumps({n: asdict(t) for n, t in subjects(seed).items()})) == meta.get("subjects")
+    return meta.get("version") == WORLD_VERSION and meta.get("seed") == seed and same
 
 
 def ensure_world(cache_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
