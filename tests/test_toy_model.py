@@ -75,3 +75,17 @@ def test_the_metrics_config_names_the_default_encoders():
     cfg = compose(["model=toy", "metrics=toy", "+experiment=dog"])
     assert Path(cfg.metrics.dino.name_or_path).name == folder(".", EncoderRecipe(), "dino").name
     assert Path(cfg.metrics.clip.name_or_path).name == folder(".", EncoderRecipe(), "clip").name
+
+
+def test_check_names_what_is_missing_and_builds_nothing(tmp_path, capsys):
+    from dreambench.world.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--cache", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "no toy model at" in capsys.readouterr().err
+    (tmp_path / folder_name(Recipe())).mkdir()
+    (tmp_path / folder_name(Recipe()) / "toy.json").write_text("{}")  # a model, as far as the check can tell
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--cache", str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no toy encoder at" in err and "python -m dreambench.world build" in err
+    assert not (tmp_path / "toy-encoders").exists() and not (tmp_path / "out").exists()

@@ -53,6 +53,37 @@ def _fit_autoencoder(vae: AutoencoderKL, steps: int, seed: int) -> None:
         sched.step()
 
 
+def sd15_scheduler() -> PNDMScheduler:
+    """SD's own noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), epsilon prediction, and the
+    scheduler class SD 1.5 ships with (model=tiny, model=toy)."""
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False, prediction_type="epsilon")
+    scheduler.register_to_config(clip_sample=False)  # as SD 1.5's config: DDIM must not clip latents to [-1, 1]
+    return scheduler
+
+
+@torch.no_grad()
+def give_sd_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Make a fitted VAE behave like SD's where tests can see it (model=tiny, model=toy); the factor k applied.
+
+    A trained VAE's posterior is nearly deterministic (SD's std is ~1e-3 of the latent scale); a random one
+    has std ~1, which would bury the subject under sampling noise: log-variance := -12 (std 0.0025).
+    SD's VAE latents have std ~5.5, hence its scaling factor 0.18215. An exact reparametrisation (encoder mean
+    x k, decoder input / k, k from `images`' latents) gives this VAE the same latent scale, so a forgotten or
+    doubled scaling factor is the same 5.5x error here as on SD, and tests can catch it."""
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[c:] = 0.0
+    vae.quant_conv.bias[c:] = -12.0
+    std = vae.encode(images).latent_dist.mean.std().item()
+    k = (1 / SD_SCALING_FACTOR) / std
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=SD_SCALING_FACTOR)
+    return k
+
+
 def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
@@ -72,31 +103,10 @@ def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionP
         max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    # SD's own noise schedule (scaled_linear 0.00085..0.012 over 1000 steps), epsilon prediction, and the
-    # scheduler class SD 1.5 ships with.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                              set_alpha_to_one=False, prediction_type="epsilon")
-    scheduler.register_to_config(clip_sample=False)  # as SD 1.5's config: DDIM must not clip latents to [-1, 1]
+    scheduler = sd15_scheduler()
     _fit_autoencoder(vae, vae_steps, seed)
     vae.eval()
-    # A trained VAE's posterior is nearly deterministic (SD's std is ~1e-3 of the latent scale); a random one
-    # has std ~1, which would bury the subject under sampling noise. log-variance := -12 (std 0.0025).
-    with torch.no_grad():
-        c = vae.config.latent_channels
-        vae.quant_conv.weight[c:] = 0.0
-        vae.quant_conv.bias[c:] = -12.0
-    # SD's VAE latents have std ~5.5, hence its scaling factor 0.18215. An exact reparametrisation (encoder
-    # mean x k, decoder input / k) gives the tiny VAE the same latent scale, so a forgotten or doubled scaling
-    # factor is the same 5.5x error here as on SD, and tests can catch it.
-    with torch.no_grad():
-        std = vae.encode(_synthetic_images(64, RESOLUTION, seed)).latent_dist.mean.std().item()
-        k = (1 / SD_SCALING_FACTOR) / std
-        c = vae.config.latent_channels
-        vae.quant_conv.weight[:c] *= k
-        vae.quant_conv.bias[:c] *= k
-        vae.post_quant_conv.weight /= k
-    vae.register_to_config(scaling_factor=SD_SCALING_FACTOR)
+    give_sd_latent_scale(vae, _synthetic_images(64, RESOLUTION, seed))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dreambench.models.tiny import SD_SCALING_FACTOR, give_sd_latent_scale, sd15_scheduler
+
 TOY_VERSION = 2
-SD_SCALING_FACTOR = 0.18215
 # The longest caption of the world is 20 tokens with its start and end: SD's 77 would spend most of the text
 # encoder's and cross-attention's work on padding.
 MAX_TOKENS = 32
@@ -104,7 +105,7 @@ def _to_tensor(batch: np.ndarray) -> torch.Tensor:
 
 
 def make_components(recipe: Recipe):
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(recipe.seed)
@@ -127,12 +128,7 @@ def make_components(recipe: Recipe):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
     )
-    # SD 1.5's noise schedule and scheduler class (as model=tiny).
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
-                              set_alpha_to_one=False, prediction_type="epsilon")
-    scheduler.register_to_config(clip_sample=False)
-    return tokenizer, vae, text_encoder, unet, scheduler
+    return tokenizer, vae, text_encoder, unet, sd15_scheduler()
 
 
 def one_cycle(params, steps: int, max_lr: float, loss_fn, desc: str, progress: bool = True,
@@ -168,23 +164,6 @@ def fit_vae(vae, images: np.ndarray, recipe: Recipe, progress: bool = True) -> f
     with torch.no_grad():
         x = _to_tensor(images[-held:])
         return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
-
-
-@torch.no_grad()
-def calibrate_vae(vae, images: np.ndarray) -> float:
-    """Give the latents SD's scale (std 1 / 0.18215) by an exact reparametrisation, and a nearly deterministic
-    posterior (SD's std is ~1e-3 of its latents): a forgotten scaling factor is the same 5.5x error as on SD.
-    Returns the factor applied."""
-    c = vae.config.latent_channels
-    vae.quant_conv.weight[c:] = 0.0
-    vae.quant_conv.bias[c:] = -12.0
-    std = vae.encode(_to_tensor(images[:256])).latent_dist.mean.std().item()
-    k = (1 / SD_SCALING_FACTOR) / std
-    vae.quant_conv.weight[:c] *= k
-    vae.quant_conv.bias[:c] *= k
-    vae.post_quant_conv.weight /= k
-    vae.register_to_config(scaling_factor=SD_SCALING_FACTOR)
-    return k
 
 
 @torch.no_grad()
@@ -260,7 +239,7 @@ def build_toy_pipeline(recipe: Recipe, progress: bool = True):
     tokenizer, vae, text_encoder, unet, scheduler = make_components(recipe)
     t = time.perf_counter()
     report["vae_heldout_mse"] = round(fit_vae(vae, images, recipe, progress), 5)
-    report["latent_rescale"] = round(calibrate_vae(vae, images), 4)
+    report["latent_rescale"] = round(give_sd_latent_scale(vae, _to_tensor(images[:256])), 4)
     report["vae_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     latents = encode_all(vae, images, progress)

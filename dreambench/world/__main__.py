@@ -1,7 +1,8 @@
-"""`python -m dreambench.world build | sheet`: see docs/TOY_WORLD.md.
+"""`python -m dreambench.world build | check | configs | sheet`: see docs/TOY_WORLD.md.
 
 build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model
-        and the toy encoders (metrics=toy), into the cache; prints their folders. Each is built once: an unchanged recipe is never rebuilt.
+        and the toy encoders (metrics=toy), into the cache; prints their folders. Each is built once: an
+        unchanged recipe is never rebuilt.
 check   how well model=toy draws what a class prompt names, judged by a classifier of the world's drawings:
         class and context accuracy, and a grid of the images (rows: classes, columns: contexts).
 configs write conf/experiment/toy_<subject>.yaml for every subject (what `+experiment=toy_ball1` reads).
@@ -47,9 +48,13 @@ def check(cache: Path, out: Path, seed: int) -> None:
     folder = cache / folder_name(Recipe(world_seed=seed))
     if not is_built(folder):
         raise UserError(f"no toy model at {folder}: build it first with python -m dreambench.world build")
-    from dreambench.world.encoders import EncoderRecipe, ensure_encoders
+    from dreambench.world.encoders import EncoderRecipe
+    from dreambench.world.encoders import folder as encoder_folder
     from dreambench.world.world import ensure_world
-    enc = ensure_encoders(cache, EncoderRecipe(world_seed=seed))
+    enc = {w: encoder_folder(cache, EncoderRecipe(world_seed=seed), w) for w in ("dino", "clip")}
+    for path in enc.values():  # as the model: checking never starts a 20-minute build
+        if not (path / "encoder.json").is_file():
+            raise UserError(f"no toy encoder at {path}: build it first with python -m dreambench.world build")
     e = check_encoders(enc["dino"], enc["clip"], ensure_world(cache, seed), seed)
     import json
     print("encoders:", json.dumps(e))
@@ -67,8 +72,8 @@ def sheet(out: Path, seed: int) -> None:
     members = [render(member(seed, i)[0], 64) for i in range(32)]
     names = subjects(seed)
     photos = [render(photo(t, seed, i, k), 64) for i, t in enumerate(names.values()) for k in range(2)]
-    first = next(iter(names.values()))
-    prompts = [render(prompt_scene(first, p, seed), 64) for p in PROMPTS]
+    first = next(iter(names))
+    prompts = [render(prompt_scene(names[first], p, seed), 64) for p in PROMPTS]
     parts = [contact_sheet(members, 8, 2), contact_sheet(photos, 8, 2), contact_sheet(prompts, 5, 2)]
     from PIL import Image
     whole = Image.new("RGB", (max(p.width for p in parts), sum(p.height + 16 for p in parts)), (255, 255, 255))
@@ -79,7 +84,7 @@ def sheet(out: Path, seed: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     whole.save(out)
     print(f"toy world sheet: {out} (32 members, 2 photos of each of {len(names)} subjects, "
-          f"{first and next(iter(names))} under the {len(PROMPTS)} prompts)")
+          f"{first} under the {len(PROMPTS)} prompts)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,8 +99,7 @@ def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int =
                         "subjects_ordered_own>same_class>other_class": f"{ordered}/{len(subs)}"}
     hits = 0
     total = 0
-    for name, thing in things.items():
-        from PIL import Image  # noqa: F401 - render returns PIL images
+    for thing in things.values():
         images = [render(prompt_scene(thing, p, seed), 32) for p in PROMPTS]
         texts = [fill_prompt(p, "", thing.cls) for p in PROMPTS]
         sims = clip.embed_images(images) @ clip.embed_texts(texts).T

@@ -98,19 +98,11 @@ def render_views(seed: int, n: int, progress: bool = True) -> np.ndarray:
                                         desc="toy encoders: render views")))
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> the encoders' input: [0, 1] then ImageNet mean/std (DinoEncoder's preprocessing;
-    CLIP's processor uses CLIP's statistics, saved with the model)."""
-    from dreambench.metrics.encoders import IMAGENET_MEAN, IMAGENET_STD
+def _pixels(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> [0, 1], then normalised by the encoder's own statistics (DinoEncoder's ImageNet
+    ones, or those of the CLIP processor saved with the model)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-
-def _clip_pixels(images: np.ndarray) -> torch.Tensor:
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 # -------------------------------------------------------------------------------------------------------- DINO
@@ -118,6 +110,7 @@ def _clip_pixels(images: np.ndarray) -> torch.Tensor:
 def train_dino(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> dict:
     from transformers import ViTConfig, ViTModel
 
+    from dreambench.metrics.encoders import IMAGENET_MEAN, IMAGENET_STD
     from dreambench.models.toy import one_cycle
 
     t0 = time.perf_counter()
@@ -133,7 +126,8 @@ def train_dino(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> 
         idx = g.choice(held, recipe.dino_batch, replace=False)
         a, b = g.choice(VIEWS, 2, replace=False)
         pair = np.concatenate([views[idx, a], views[idx, b]])
-        z = F.normalize(head(model(pixel_values=_pixels(pair)).last_hidden_state[:, 0]), dim=-1)
+        cls = model(pixel_values=_pixels(pair, IMAGENET_MEAN, IMAGENET_STD)).last_hidden_state[:, 0]
+        z = F.normalize(head(cls), dim=-1)
         za, zb = z.chunk(2)
         logits = za @ zb.T / 0.1
         target = torch.arange(len(idx))
@@ -147,7 +141,8 @@ def train_dino(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> 
     # Held-out instances: how often is a view's nearest other view (among 200 instances x 4 views) the same
     # instance? (chance: 3/799)
     with torch.no_grad():
-        e = F.normalize(model(pixel_values=_pixels(views[held:].reshape(-1, SIZE, SIZE, 3))).last_hidden_state[:, 0],
+        e = F.normalize(model(pixel_values=_pixels(views[held:].reshape(-1, SIZE, SIZE, 3), IMAGENET_MEAN,
+                                                    IMAGENET_STD)).last_hidden_state[:, 0],
                         dim=-1)
     sim = e @ e.T
     sim.fill_diagonal_(-2)
@@ -197,23 +192,24 @@ def train_clip(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> 
                            "image_size": SIZE, "patch_size": 4},
         projection_dim=64)
     model = CLIPModel(config)
+    # CLIP's processor at the world's size: its statistics normalise the training pixels too.
+    proc = _clip_image_processor_cls()(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
     held = recipe.captioned - 500
 
     def loss():
         idx = g.choice(held, recipe.clip_batch, replace=False)
         return model(input_ids=ids.input_ids[idx], attention_mask=ids.attention_mask[idx],
-                     pixel_values=_clip_pixels(images[idx]), return_loss=True).loss
+                     pixel_values=_pixels(images[idx], proc.image_mean, proc.image_std), return_loss=True).loss
 
     model.train()
     one_cycle(model.parameters(), recipe.clip_steps, 1e-3, loss, "toy encoders: CLIP", progress, weight_decay=0.05)
     model.eval()
     model.save_pretrained(str(save_dir), safe_serialization=True)
-    proc = _clip_image_processor_cls()(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
     proc.save_pretrained(str(save_dir))
     with torch.no_grad():  # held-out: the right caption among 500 ranked first, and the right image
         out = model(input_ids=ids.input_ids[held:], attention_mask=ids.attention_mask[held:],
-                    pixel_values=_clip_pixels(images[held:]))
+                    pixel_values=_pixels(images[held:], proc.image_mean, proc.image_std))
     r = torch.arange(500)
     return {"heldout_text_top1_of_500": round(float((out.logits_per_image.argmax(1) == r).float().mean()), 3),
             "heldout_image_top1_of_500": round(float((out.logits_per_text.argmax(1) == r).float().mean()), 3),
