@@ -62,20 +62,23 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Mappi
 
 
 def image_grid(images: Sequence[Image.Image], cols: int | None = None, labels: Sequence[str] | None = None,
-               pad: int = 2) -> Image.Image:
-    """A contact sheet; labels (one per image) are drawn under each tile."""
+               pad: int = 2, min_tile: int = 128) -> Image.Image:
+    """A contact sheet; labels (one per image) are drawn under each tile. Images narrower than min_tile (the
+    toy world's 32 px) are enlarged by a whole factor with nearest-neighbour, so a person sees their pixels."""
     if not images:
         raise ValueError("image_grid needs at least one image")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
+    zoom = max(1, math.ceil(min_tile / w))
+    w, h = w * zoom, h * zoom
     label_h = 12 if labels else 0
     grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + label_h) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         x, y = pad + c * (w + pad), pad + r * (h + pad + label_h)
-        grid.paste(im.convert("RGB").resize((w, h)), (x, y))
+        grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST if zoom > 1 else Image.BICUBIC), (x, y))
         if labels:
             draw.text((x + 1, y + h), str(labels[i])[: max(4, w // 6)], fill="black")
     return grid

@@ -348,3 +348,17 @@ def test_an_unreadable_photo_is_named_and_skippable():
         assert [p.name for p in good] == ["ok0.png", "ok1.png"]
     finally:
         shutil.rmtree(folder)
+
+
+def test_grid_enlarges_small_tiles_pixel_for_pixel():
+    # The toy world's 32 px samples are enlarged by a whole factor (nearest), so a person sees each pixel; real
+    # 512 px samples are left at their size.
+    from dreambench.sampling import image_grid
+    small = [noise(32, 32, seed) for seed in range(3)]
+    grid = image_grid(small, cols=3, labels=["a", "b", "c"], pad=2)
+    assert grid.size == (3 * (128 + 2) + 2, 128 + 2 + 12 + 2)
+    tile = np.asarray(grid)[2:130, 2 + 130:2 + 130 + 128]
+    assert np.array_equal(tile[::4, ::4], np.asarray(small[1]))
+    assert np.array_equal(tile[3::4, 3::4], np.asarray(small[1]))
+    big = image_grid([noise(200, 160, 0)], pad=0)
+    assert big.size == (200, 160) and np.array_equal(np.asarray(big), np.asarray(noise(200, 160, 0)))
