@@ -455,6 +455,28 @@ def _common_parent(paths: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
 
 
+def _from_runs(cfg: DictConfig) -> None:
+    """mode=run: the data set the runs were trained on when none is given (a toy-world run needs no
+    DREAMBENCH_DATA), and a warning when the runs were monitored with other encoders than these."""
+    runs = expand_runs(OmegaConf.to_container(cfg.runs) if not isinstance(cfg.runs, str) else cfg.runs)
+    cfgs = []
+    for r in runs:
+        try:
+            cfgs.append(OmegaConf.load(r / "config.yaml"))
+        except Exception:  # noqa: BLE001, S112 - evaluate_runs reports a broken config.yaml, in one line
+            continue
+    if cfg.paths.dataset_dir is None:
+        dirs = {str(d) for rc in cfgs if (d := OmegaConf.select(rc, "paths.dataset_dir", default=None))}
+        if len(dirs) == 1:
+            cfg.paths.dataset_dir = dirs.pop()
+            log.info("data set: %s (the runs' paths.dataset_dir)", cfg.paths.dataset_dir)
+    ours = OmegaConf.select(cfg, "metrics.dino.name_or_path", default=None)
+    theirs = {str(d) for rc in cfgs if (d := OmegaConf.select(rc, "metrics.dino.name_or_path", default=None))}
+    if theirs and ours is not None and str(ours) not in theirs:
+        log.warning("the runs were configured with metrics.dino=%s, this evaluation uses %s (choose the same "
+                    "metrics group, e.g. metrics=toy for a toy-world run)", ", ".join(sorted(theirs)), ours)
+
+
 MODES = {"real": evaluate_real, "folder": evaluate_folder, "run": evaluate_runs}
 
 
@@ -464,6 +486,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise EvalInputError(f"missing config value(s): {', '.join(missing)} (mode is one of {', '.join(MODES)})")
     if cfg.mode not in MODES:
         raise EvalInputError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+    if cfg.mode == "run":
+        _from_runs(cfg)
     root = dataset_root(cfg)
     try:
         scorer = build_scorer(cfg.metrics)

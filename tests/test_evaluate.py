@@ -332,3 +332,24 @@ def test_cli_exits_non_zero_with_one_line(cache_dir, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("dreambench.evaluate: error: image folder not found"), p.stderr
     assert "Traceback" not in p.stderr
+
+
+@needs_data
+def test_run_mode_takes_the_data_set_the_run_was_trained_on(cache_dir, monkeypatch, tmp_path, caplog):
+    # No DREAMBENCH_DATA: a run's own paths.dataset_dir (a toy-world run's world folder) is the data set, and a
+    # run configured with other encoders than the evaluation's is named in a warning.
+    monkeypatch.setenv("DREAMBENCH_CACHE", str(cache_dir))
+    monkeypatch.delenv("DREAMBENCH_DATA", raising=False)
+    run = tmp_path / "r"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.create({"data": {"subject": "unicorn", "class_noun": "horse", "live": False},
+                                     "guidance": {"scheduler": "DDIMScheduler"},
+                                     "paths": {"dataset_dir": str(DATA)},
+                                     "metrics": {"dino": {"name_or_path": "/models/toy-dino"}}}),
+                   run / "config.yaml")
+    with caplog.at_level("WARNING", logger="dreambench.evaluate"), \
+            pytest.raises(EvalInputError, match="'unicorn' is not in DreamBench"):
+        evaluate(make_cfg("mode=run", f"runs=[{run}]"))
+    assert "metrics.dino=/models/toy-dino" in caplog.text
+    with pytest.raises(EvalInputError, match="DreamBench data set not found"):
+        evaluate(make_cfg("mode=run", f"runs=[{run}]", f"paths.dataset_dir={tmp_path / 'nowhere'}"))
