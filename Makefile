@@ -111,7 +111,7 @@ bench: $(STAMP) ## dreambench vs a plain PyTorch reference loop, side by side (+
 # The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
 # SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.
 TABLE_ARGS ?= trainer=gpu
-.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke
+.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke table1-toy table3-toy table4-toy
 
 table1: $(STAMP) ## Table 1: DreamBooth vs Textual Inversion, 30 subjects + real images (GPU, real SD weights)
 	PY=$(BIN)/python bash experiments/table1.sh $(TABLE_ARGS)
@@ -130,6 +130,16 @@ table3-smoke: $(STAMP) ## Table 3 end to end on the tiny model (CPU, minutes)
 
 table4-smoke: $(STAMP) ## Table 4 end to end on the tiny model (CPU, minutes)
 	PY=$(BIN)/python bash experiments/table4.sh --smoke
+
+# On the toy world (docs/TOY_WORLD.md; `make toy-world` first): its 20 subjects x seeds 0,1,2 unless SUBJECTS= / SEEDS=.
+table1-toy: $(STAMP) ## Table 1 on the toy world (model=toy, metrics=toy; CPU)
+	PY=$(BIN)/python bash experiments/table1.sh --toy
+
+table3-toy: $(STAMP) ## Table 3 on the toy world (CPU)
+	PY=$(BIN)/python bash experiments/table3.sh --toy
+
+table4-toy: $(STAMP) ## Table 4 on the toy world (CPU)
+	PY=$(BIN)/python bash experiments/table4.sh --toy
 
 # The toy world (docs/TOY_WORLD.md): a data set, a pretrained model (model=toy) and encoders (metrics=toy) the
 # project builds itself, once, into the cache.

@@ -173,7 +173,9 @@ def build(folder: Path, table: Table) -> list[RowResult]:
 
 def smoke_note(rows: list[RowResult]) -> str | None:
     """A warning when the numbers come from the tiny model or tiny encoders (smoke runs): they check the
-    pipeline end to end, not the paper."""
+    pipeline end to end, not the paper. Toy-world runs (model=toy) get a note of their own: their directions
+    can be compared with the paper's, their values cannot."""
+    toy = False
     for r in rows:
         for run in r.runs:
             cfg = _load_yaml(run.folder / "config.yaml")
@@ -183,6 +185,10 @@ def smoke_note(rows: list[RowResult]) -> str | None:
                     "SMOKE RUN: tiny random model and/or tiny random encoders — these numbers test the "
                     "pipeline end to end and mean nothing about the paper."
                 )
+            toy = toy or (cfg.get("model") or {}).get("name") == "toy"
+    if toy:
+        return ("TOY WORLD: model=toy and metrics=toy (docs/TOY_WORLD.md), a world small enough for a CPU — compare "
+                "each direction with the paper's, not the values.")
     return None
 
 

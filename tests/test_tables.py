@@ -137,6 +137,19 @@ def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
         tables.render(tmp_path / "table3" / "with_prior" / "dog-s0" / "eval")
 
 
+def test_toy_world_tables_say_to_compare_directions_not_values(tmp_path):
+    run = _run(tmp_path, "table3", "with_prior", "toy_cup1", 0, {"dino": 0.4, "pres": 0.3})
+    (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                                     "model": {"name": "toy", "build_tiny": False}}))
+    tables.render(tmp_path, ["table3"])
+    md = (tmp_path / "tables" / "table3.md").read_text()
+    assert "TOY WORLD" in md and "not the values" in md and "SMOKE" not in md
+    run.joinpath("config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
+                                                           "model": {"name": "sd15"}}))
+    tables.render(tmp_path, ["table3"])
+    assert "TOY WORLD" not in (tmp_path / "tables" / "table3.md").read_text()
+
+
 def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
     run = _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6})
     (run / ".hydra").mkdir()  # what a CLI run also writes: the same config, beside the run's own
@@ -230,3 +243,31 @@ def test_table4_smoke_end_to_end(tmp_path):
     assert m["instance_prompt"] == f"a sks {wrong_class('backpack', 0)}"
     prompts = json.loads((out / "none" / "dog-s0" / "eval" / "images" / "prompts.json").read_text())
     assert prompts["subjects"]["dog"]["prompts"][0].startswith("a sks in ")  # "a sks in the jungle"
+
+
+@pytest.mark.slow
+def test_table1_toy_mode_runs_the_worlds_subjects_with_each_rows_toy_settings(tmp_path):
+    # experiments/table1.sh --toy on a world written here; model=tiny and tiny encoders stand in for model=toy and
+    # metrics=toy (built in ~40 min), so this checks the wiring: the world is the data set of every step, each
+    # row gets its toy settings (Textual Inversion its own lr, no accumulation), the real row reads the world.
+    from dreambench.world.world import world_folder, write_world
+
+    cache = tmp_path / "cache"
+    write_world(world_folder(cache), seed=0, progress=False)
+    out = tmp_path / "table1"
+    env = {**os.environ, "OUT": str(out), "SUBJECTS": "toy_cup1", "SEEDS": "0", "PY": sys.executable,
+           "DREAMBENCH_CACHE": str(cache), "DREAMBENCH_DATA": str(tmp_path / "not-the-world"),
+           "EVAL_ARGS": "metrics=tiny eval.prompts_limit=1 eval.images_per_prompt=1 eval.num_inference_steps=2 "
+                        "eval.pres_images=0"}
+    r = subprocess.run(["bash", str(REPO / "experiments" / "table1.sh"), "--toy", "model=tiny",
+                        "trainer.max_steps=2", "++prior.num_images=2", "guidance.num_inference_steps=2"],
+                       check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    db_cfg = yaml.safe_load((out / "dreambooth" / "toy_cup1-s0" / "config.yaml").read_text())
+    ti_cfg = yaml.safe_load((out / "textual_inversion" / "toy_cup1-s0" / "config.yaml").read_text())
+    assert db_cfg["paths"]["dataset_dir"] == str(world_folder(cache)) and db_cfg["optimizer"]["lr"] == 3e-4
+    assert db_cfg["prior"]["num_images"] == 2 and db_cfg["data"]["class_noun"] == "cup"
+    assert ti_cfg["method"]["lr"] == 5e-3 and ti_cfg["trainer"]["accumulate_grad_batches"] == 1
+    by = _csv(out, "table1")
+    for row in ("real", "dreambooth", "textual_inversion"):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1

@@ -156,3 +156,21 @@ def test_a_world_folder_from_before_a_subject_changed_is_written_again(tmp_path)
     (root / "toy_cup1").rename(root / "cup1")
     root = ensure_world(tmp_path, progress=False)
     assert (root / "toy_cup1").is_dir() and not (root / "cup1").exists()
+
+
+def test_path_prints_a_built_part_and_refuses_a_missing_one(world, tmp_path, capsys):
+    # `python -m dreambench.world path` is what scripts (experiments/*.sh --toy) ask for the world's folder.
+    import shutil
+
+    from dreambench.world.__main__ import main
+    from dreambench.world.world import world_folder
+    with pytest.raises(SystemExit) as e:
+        main(["path", "--cache", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no toy world at" in err and "python -m dreambench.world build" in err
+    shutil.copytree(world, world_folder(tmp_path))
+    main(["path", "world", "--cache", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == str(world_folder(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["path", "dino", "--cache", str(tmp_path)])
+    assert e.value.code == 2 and "no toy dino at" in capsys.readouterr().err

@@ -6,6 +6,7 @@ build   the world's data set (subjects' photos, prompts) and, unless --no-model,
 check   how well model=toy draws what a class prompt names, judged by a classifier of the world's drawings:
         class and context accuracy, and a grid of the images (rows: classes, columns: contexts).
 configs write conf/experiment/toy_<subject>.yaml for every subject (what `+experiment=toy_ball1` reads).
+path    the folder of one built part (world, model, dino, clip), for scripts: exit 2 when it is not built.
 sheet   a contact sheet of the world (members with captions, every subject's photos, one subject under every
         prompt) as a PNG, to look at what the world is.
 """
@@ -66,6 +67,28 @@ def check(cache: Path, out: Path, seed: int) -> None:
           f"{r['judge_heldout_context_accuracy']:.2f}; grid and numbers in {out}")
 
 
+def path(cache: Path, what: str, seed: int) -> Path:
+    from dreambench.errors import UserError
+    from dreambench.models.toy import Recipe, folder_name
+    from dreambench.models.toy import is_built as model_built
+    from dreambench.world.encoders import EncoderRecipe
+    from dreambench.world.encoders import folder as encoder_folder
+    from dreambench.world.world import is_built as world_built
+    from dreambench.world.world import world_folder
+    if what == "world":
+        folder = world_folder(cache, seed)
+        built = world_built(folder, seed)
+    elif what == "model":
+        folder = cache / folder_name(Recipe(world_seed=seed))
+        built = model_built(folder)
+    else:
+        folder = encoder_folder(cache, EncoderRecipe(world_seed=seed), what)
+        built = (folder / "encoder.json").is_file()
+    if not built:
+        raise UserError(f"no toy {what} at {folder}: build it first with python -m dreambench.world build")
+    return folder
+
+
 def sheet(out: Path, seed: int) -> None:
     from dreambench.world.scene import render
     from dreambench.world.world import PROMPTS, contact_sheet, member, photo, prompt_scene, subjects
@@ -100,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("configs", help="write conf/experiment/toy_<subject>.yaml for every subject")
     e.add_argument("--conf", type=Path, default=Path(__file__).resolve().parents[2] / "conf" / "experiment")
+    w = sub.add_parser("path", help="the folder of a built part of the world (for scripts)")
+    w.add_argument("what", choices=["world", "model", "dino", "clip"], nargs="?", default="world")
+    w.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
+    w.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("sheet", help="a contact sheet of the world, as a PNG")
     s.add_argument("out", type=Path, nargs="?", default=Path("toy-world.png"))
     s.add_argument("--seed", type=int, default=0)
@@ -114,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {len(subjects(0))} experiment files into {args.conf}")
         elif args.command == "check":
             check(_cache(args.cache), args.out, args.seed)
+        elif args.command == "path":
+            print(path(_cache(args.cache), args.what, args.seed))
         else:
             sheet(args.out, args.seed)
 

@@ -180,9 +180,13 @@ def is_built(root: Path, seed: int) -> bool:
     return meta.get("version") == WORLD_VERSION and meta.get("seed") == seed and same
 
 
+def world_folder(cache_dir: str | Path, seed: int = 0) -> Path:
+    return Path(cache_dir).expanduser() / f"toy-world-v{WORLD_VERSION}-seed{seed}"
+
+
 def ensure_world(cache_dir: str | Path, seed: int = 0, progress: bool = True) -> Path:
     """The world's data set folder under the cache, written once (the folder name carries version and seed)."""
-    root = Path(cache_dir).expanduser() / f"toy-world-v{WORLD_VERSION}-seed{seed}"
+    root = world_folder(cache_dir, seed)
     if not is_built(root, seed):
         write_world(root, seed, progress)
     return root
@@ -203,6 +207,7 @@ def experiment_yaml(name: str, thing: Thing, seed: int = 0) -> str:
 # Toy world subject "{name}": class "{thing.cls}" (docs/TOY_WORLD.md). Written by
 # `python -m dreambench.world configs`; tests/test_world.py keeps it in step with the world.
 defaults:
+  - /preset: toy
   - override /model: toy
   - override /metrics: toy
 paths:
