@@ -9,6 +9,9 @@ percentile bootstrap interval over subjects (1000 resamples, seed 0: the evaluat
 <folder>/tables/ (or --out), per table:
 
     <table>.md  <table>.tex  <table>.csv   ours [95% CI], the paper's, ours - paper, subjects
+    <table>_directions.csv                 every ordering of two rows the paper's table states, checked as a
+                                           paired per-subject difference with its interval: holds / reversed /
+                                           not resolved (also in <table>.md and report.html)
     <table>_bars.png                       bars with intervals per row and metric, the paper's as markers
     <table>_scatter.png                    per-subject DINO vs CLIP-T (CLIP-I where a table has no CLIP-T)
     report.html                            all tables, image grids per subject and row, protocol, differences
@@ -140,6 +143,49 @@ def aggregate(per_subject: dict[str, dict[str, float]], metric: str, reason: str
     return Cell(sum(vals) / len(vals), lo, hi, len(vals))
 
 
+@dataclass
+class Direction:
+    """The paper's ordering of two rows on one metric, checked on our subjects: the per-subject difference
+    `higher - lower` (the rows as the paper orders them), its mean and 95% bootstrap interval over the subjects
+    both rows have."""
+    higher: str
+    lower: str
+    metric: str
+    paper_diff: float
+    diff: Cell
+
+    @property
+    def verdict(self) -> str:
+        if not self.diff.n:
+            return "no data"
+        if self.diff.lo > 0:
+            return "holds"
+        if self.diff.hi < 0:
+            return "reversed"
+        return "not resolved"
+
+
+def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
+    """Every ordering the paper's table states (two rows, a metric both have a number for), as a paired
+    difference over subjects: what "DreamBooth beats Textual Inversion" means, with its interval."""
+    from dreambench.metrics.functional import bootstrap_ci
+
+    out = []
+    for m in table.metrics:
+        with_paper = [r for r in rows if r.paper.get(m) is not None]
+        for i, a in enumerate(with_paper):
+            for b in with_paper[i + 1:]:
+                hi, lo = (a, b) if a.paper[m] >= b.paper[m] else (b, a)
+                both = [s for s in hi.per_subject if m in hi.per_subject[s] and m in lo.per_subject.get(s, {})]
+                d = [hi.per_subject[s][m] - lo.per_subject[s][m] for s in both]
+                cell = Cell(reason="no subject in both rows")
+                if d:
+                    ci = bootstrap_ci(d, BOOT["samples"], BOOT["seed"], BOOT["level"])
+                    cell = Cell(sum(d) / len(d), *ci, len(d))
+                out.append(Direction(hi.key, lo.key, m, hi.paper[m] - lo.paper[m], cell))
+    return out
+
+
 def build(folder: Path, table: Table) -> list[RowResult]:
     runs = [r for r in find_runs(folder) if r.table == table.name]
     subjects = sorted({r.subject for r in runs})
@@ -220,6 +266,15 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
             cells += [ours(c), fmt(p), "n/a" if d is None else f"{d:+.3f}"]
         n = max((c.n for c in r.cells.values()), default=0)
         lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
+    labels = {r.key: r.label for r in rows}
+    lines += ["", "Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
+              "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0.", "",
+              "| higher in the paper | lower | metric | paper Δ | ours Δ [95% CI] | n | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for d in directions(table, rows):
+        lines.append(f"| {labels[d.higher]} | {labels[d.lower]} | {LABELS[d.metric]} | {d.paper_diff:+.3f} | "
+                     f"{ours(d.diff) if not d.diff.n else f'{d.diff.mean:+.3f} [{d.diff.lo:+.3f}, {d.diff.hi:+.3f}]'} | "
+                     f"{d.diff.n} | {d.verdict} |")
     warn = smoke_note(rows)
     lines += (
         ([""] + [f"**{warn}**"] if warn else [])
@@ -277,6 +332,18 @@ def to_latex(table: Table, rows: list[RowResult]) -> str:
         r"\end{table}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def directions_csv(table: Table, rows: list[RowResult]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["table", "higher", "lower", "metric", "paper_diff", "diff", "ci95_lo", "ci95_hi", "n_subjects",
+                "verdict"])
+    for d in directions(table, rows):
+        c = d.diff
+        w.writerow([table.name, d.higher, d.lower, d.metric, f"{d.paper_diff:.4f}",
+                    *([f"{c.mean:.4f}", f"{c.lo:.4f}", f"{c.hi:.4f}"] if c.n else ["", "", ""]), c.n, d.verdict])
+    return buf.getvalue()
 
 
 def to_csv(table: Table, rows: list[RowResult]) -> str:
@@ -404,6 +471,7 @@ def render(
         atomic_write_text(out / f"{name}.md", to_markdown(table, rows))
         atomic_write_text(out / f"{name}.tex", to_latex(table, rows))
         atomic_write_text(out / f"{name}.csv", to_csv(table, rows))
+        atomic_write_text(out / f"{name}_directions.csv", directions_csv(table, rows))
         plot_bars(table, rows, out / f"{name}_bars.png")
         plot_scatter(table, rows, out / f"{name}_scatter.png")
         results[name] = rows

@@ -137,6 +137,33 @@ def test_unevaluated_runs_and_unavailable_metrics_say_why(tmp_path):
         tables.render(tmp_path / "table3" / "with_prior" / "dog-s0" / "eval")
 
 
+def test_directions_are_paired_differences_over_the_subjects_both_rows_have(tmp_path):
+    # Table 4 orders correct > wrong > none on DINO and CLIP-I. Here correct beats wrong on every subject, none beats
+    # wrong on every subject (reversed), and correct vs none is mixed; "cat" has no "none" run (left out of pairs).
+    scores = {"correct": {"dog": 0.70, "can": 0.60, "cat": 0.50},
+              "wrong": {"dog": 0.50, "can": 0.40, "cat": 0.45},
+              "none": {"dog": 0.80, "can": 0.42}}
+    for row, per in scores.items():
+        for subject, v in per.items():
+            _run(tmp_path, "table4", row, subject, 0, {"dino": v})
+    rows = tables.render(tmp_path, ["table4"])["table4"]
+    found = {(d.higher, d.lower, d.metric): d for d in tables.directions(paper.TABLES["table4"], rows)}
+    cw = found["correct", "wrong", "dino"]
+    assert cw.diff.n == 3 and cw.diff.mean == pytest.approx((0.2 + 0.2 + 0.05) / 3) and cw.verdict == "holds"
+    assert cw.paper_diff == pytest.approx(0.744 - 0.454)
+    wn = found["wrong", "none", "dino"]
+    assert wn.diff.n == 2 and wn.diff.mean == pytest.approx((-0.30 - 0.02) / 2) and wn.verdict == "reversed"
+    cn = found["correct", "none", "dino"]
+    assert cn.diff.lo < 0 < cn.diff.hi and cn.verdict == "not resolved"
+    assert found["correct", "wrong", "clip_i"].verdict == "no data"
+    by = {(r["higher"], r["lower"], r["metric"]): r
+          for r in csv.DictReader((tmp_path / "tables" / "table4_directions.csv").open())}
+    assert by["wrong", "none", "dino"]["verdict"] == "reversed" and by["correct", "wrong", "dino"]["n_subjects"] == "3"
+    assert "| Correct class noun | Wrong class noun | DINO | +0.290 | +0.150 [" in (
+        tmp_path / "tables" / "table4.md").read_text()
+    assert "<td>reversed</td>" in (tmp_path / "tables" / "report.html").read_text()
+
+
 def test_toy_world_tables_say_to_compare_directions_not_values(tmp_path):
     run = _run(tmp_path, "table3", "with_prior", "toy_cup1", 0, {"dino": 0.4, "pres": 0.3})
     (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
