@@ -267,8 +267,8 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
         n = max((c.n for c in r.cells.values()), default=0)
         lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
     labels = {r.key: r.label for r in rows}
-    lines += ["", "Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
-              "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0.", "",
+    lines += ["", ("Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
+                   "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0."), "",
               "| higher in the paper | lower | metric | paper Δ | ours Δ [95% CI] | n | verdict |",
               "|---|---|---|---|---|---|---|"]
     for d in directions(table, rows):
