@@ -77,16 +77,15 @@ def _table_html(table, rows) -> str:
 
 def _directions_html(table: Any, rows: list) -> str:
     from analysis.paper import LABELS
-    from analysis.tables import directions
+    from analysis.tables import directions, signed
 
     labels = {r.key: r.label for r in rows}
     head = "".join(f"<th>{h}</th>" for h in ("higher in the paper", "lower", "metric", "paper Δ",
                                               "ours Δ [95% CI]", "n", "verdict"))
     body = []
     for d in directions(table, rows):
-        c = d.diff
-        ours = f"{c.mean:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" if c.n else html.escape(c.reason)
-        cells = (labels[d.higher], labels[d.lower], LABELS[d.metric], f"{d.paper_diff:+.3f}", ours, str(c.n), d.verdict)
+        cells = (labels[d.higher], labels[d.lower], LABELS[d.metric], f"{d.paper_diff:+.3f}", signed(d.diff),
+                 str(d.diff.n), d.verdict)
         body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
     return ("<h3>Directions (per-subject differences, paired)</h3><table><tr>" + head + "</tr>" + "".join(body)
             + "</table>")

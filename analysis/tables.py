@@ -249,6 +249,11 @@ def ours(c: Cell) -> str:
     return f"{fmt(c.mean)} [{fmt(c.lo)}, {fmt(c.hi)}]" if c.n else (c.reason or "n/a")
 
 
+def signed(c: Cell) -> str:
+    """A difference with its interval, signs shown (the directions); the reason when there is none."""
+    return f"{c.mean:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" if c.n else (c.reason or "n/a")
+
+
 def diff(c: Cell, paper: float | None) -> float | None:
     return c.mean - paper if c.n and paper is not None else None
 
@@ -273,7 +278,7 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
               "|---|---|---|---|---|---|---|"]
     for d in directions(table, rows):
         lines.append(f"| {labels[d.higher]} | {labels[d.lower]} | {LABELS[d.metric]} | {d.paper_diff:+.3f} | "
-                     f"{ours(d.diff) if not d.diff.n else f'{d.diff.mean:+.3f} [{d.diff.lo:+.3f}, {d.diff.hi:+.3f}]'} | "
+                     f"{signed(d.diff)} | "
                      f"{d.diff.n} | {d.verdict} |")
     warn = smoke_note(rows)
     lines += (

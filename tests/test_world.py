@@ -173,4 +173,5 @@ def test_path_prints_a_built_part_and_refuses_a_missing_one(world, tmp_path, cap
     assert capsys.readouterr().out.strip() == str(world_folder(tmp_path))
     with pytest.raises(SystemExit) as e:
         main(["path", "dino", "--cache", str(tmp_path)])
-    assert e.value.code == 2 and "no toy dino at" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no toy encoder at" in err and "dino-v" in err

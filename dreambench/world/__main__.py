@@ -1,4 +1,4 @@
-"""`python -m dreambench.world build | check | configs | sheet`: see docs/TOY_WORLD.md.
+"""`python -m dreambench.world build | check | configs | path | sheet`: see docs/TOY_WORLD.md.
 
 build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model
         and the toy encoders (metrics=toy), into the cache; prints their folders. Each is built once: an
@@ -43,19 +43,11 @@ def build(cache: Path, seed: int, model: bool) -> None:
 
 
 def check(cache: Path, out: Path, seed: int) -> None:
-    from dreambench.errors import UserError
-    from dreambench.models.toy import Recipe, folder_name, is_built
     from dreambench.world.check import check_encoders, check_toy_model
-    folder = cache / folder_name(Recipe(world_seed=seed))
-    if not is_built(folder):
-        raise UserError(f"no toy model at {folder}: build it first with python -m dreambench.world build")
-    from dreambench.world.encoders import EncoderRecipe
-    from dreambench.world.encoders import folder as encoder_folder
     from dreambench.world.world import ensure_world
-    enc = {w: encoder_folder(cache, EncoderRecipe(world_seed=seed), w) for w in ("dino", "clip")}
-    for path in enc.values():  # as the model: checking never starts a 20-minute build
-        if not (path / "encoder.json").is_file():
-            raise UserError(f"no toy encoder at {path}: build it first with python -m dreambench.world build")
+    # Every part must be built already: checking never starts a 20-minute build.
+    folder = path(cache, "model", seed)
+    enc = {w: path(cache, w, seed) for w in ("dino", "clip")}
     e = check_encoders(enc["dino"], enc["clip"], ensure_world(cache, seed), seed)
     import json
     print("encoders:", json.dumps(e))
@@ -73,19 +65,20 @@ def path(cache: Path, what: str, seed: int) -> Path:
     from dreambench.models.toy import is_built as model_built
     from dreambench.world.encoders import EncoderRecipe
     from dreambench.world.encoders import folder as encoder_folder
+    from dreambench.world.encoders import is_built as encoder_built
     from dreambench.world.world import is_built as world_built
     from dreambench.world.world import world_folder
     if what == "world":
         folder = world_folder(cache, seed)
-        built = world_built(folder, seed)
+        built, name = world_built(folder, seed), "world"
     elif what == "model":
         folder = cache / folder_name(Recipe(world_seed=seed))
-        built = model_built(folder)
-    else:
+        built, name = model_built(folder), "model"
+    else:  # the folder's name says which encoder
         folder = encoder_folder(cache, EncoderRecipe(world_seed=seed), what)
-        built = (folder / "encoder.json").is_file()
+        built, name = encoder_built(folder), "encoder"
     if not built:
-        raise UserError(f"no toy {what} at {folder}: build it first with python -m dreambench.world build")
+        raise UserError(f"no toy {name} at {folder}: build it first with python -m dreambench.world build")
     return folder
 
 

@@ -216,6 +216,10 @@ def train_clip(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> 
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def is_built(dest: Path) -> bool:
+    return (Path(dest) / "encoder.json").is_file()
+
+
 def ensure_encoders(cache: str | Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True) -> dict:
     """Build the missing ones of the two encoders; {"dino": folder, "clip": folder}."""
     from dreambench.utils.io import safe_rmtree
@@ -223,7 +227,7 @@ def ensure_encoders(cache: str | Path, recipe: EncoderRecipe = EncoderRecipe(), 
     for which, train in (("dino", train_dino), ("clip", train_clip)):
         dest = folder(cache, recipe, which)
         out[which] = dest
-        if (dest / "encoder.json").is_file():
+        if is_built(dest):
             continue
         tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
         if tmp.exists():
