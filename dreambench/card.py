@@ -43,6 +43,9 @@ def _files(run: Path) -> list[str]:
 
 
 def _latest_grid(run: Path) -> str | None:
+    """samples/before_after.png when the run wrote one (the first grid beside the last), else the latest grid."""
+    if (run / "samples" / "before_after.png").is_file():
+        return "samples/before_after.png"
     grids = sorted((run / "samples").glob("step_*.png")) if (run / "samples").is_dir() else []
     return grids[-1].relative_to(run).as_posix() if grids else None
 
@@ -138,7 +141,8 @@ def card_text(run: Path) -> str:
     grid = _latest_grid(run)
     if grid:
         body += [f"![samples]({grid})", "",
-                 "Fixed-seed samples: the instance prompt, two contexts and the bare class prompt.", ""]
+                 "Fixed-seed samples: the instance prompt, two contexts and the bare class prompt"
+                 + (", before and after training." if grid.endswith("before_after.png") else "."), ""]
     body += _usage(run, files, meta, method, base)
     body += ["## Training", "", "| setting | value |", "|---|---|"]
     opt, prior, train = cfg.get("optimizer") or {}, cfg.get("prior") or {}, cfg.get("trainer") or {}

@@ -2,7 +2,7 @@
 
     <run>/config.yaml     the resolved config (secrets redacted)
     <run>/metrics.json    final losses, steps, wall time, identifier, class-image cache
-    <run>/samples/        fixed-seed sample grids (step 0, every N steps, end)
+    <run>/samples/        fixed-seed sample grids (step 0, every N steps, end); before_after.png: first beside last
     <run>/model/          the tuned pipeline, diffusers format, safetensors
     <run>/checkpoints/    trainable weights + optimizer state (+ RNG), for resuming
 """

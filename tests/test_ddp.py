@@ -36,7 +36,8 @@ def test_two_process_ddp_run_writes_one_run_folder(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "README.md", "checkpoints", "config.yaml", "logs",
                                                     "metrics.json", "model", "samples", "train.log"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step=000004.ckpt"]
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000.png", "step_000004.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "before_after.png", "step_000000.png", "step_000004.png"]
     logs = r.stdout + r.stderr
     assert "rank 0 of 2 renders 2 of 4" in logs and "rank 1 of 2 renders 2 of 4" in logs
     ck = torch.load(run / "checkpoints" / "step=000004.ckpt", weights_only=True)

@@ -212,7 +212,8 @@ def test_model_card_parses_and_names_the_run(runs):
     assert "base_model" not in data  # a local folder is not a Hub id the Hub could link
     assert data["instance_prompt"] == metrics["instance_prompt"] == "a sks dog"
     assert data["trigger_words"] == ["sks"]
-    assert "export/kohya/dog-lora.safetensors" in card.text and "samples/step_" in card.text
+    assert "export/kohya/dog-lora.safetensors" in card.text
+    assert "![samples](samples/before_after.png)" in card.text  # the first grid beside the last
     # The learning rate LoRA trained at (method.lr=1e-2), not optimizer.lr; the method's settings in words.
     assert "| learning rate | 0.01 |" in card.text and "| method | lora (rank=4, alpha=8" in card.text
 

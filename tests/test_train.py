@@ -22,6 +22,28 @@ def _reload_and_generate(model_dir: Path) -> Image.Image:
     return pipe("a sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
 
 
+def _check_before_after(samples: Path) -> None:
+    """before_after.png holds, row by row, each prompt's tiles of the first grid and then of the last."""
+    import numpy as np
+
+    def tiles(path: Path, cols: int) -> list[np.ndarray]:
+        # image_grid's layout: 2 px padding, 32 px images enlarged to 128 px, a 12 px label under each
+        im = np.asarray(Image.open(path).convert("RGB"))
+        rows = (im.shape[0] - 2) // (128 + 2 + 12)
+        return [im[2 + r * 142:2 + r * 142 + 128, 2 + c * 130:2 + c * 130 + 128] for r in range(rows)
+                for c in range(cols)]
+
+    first, last = tiles(samples / "step_000000.png", 4), tiles(samples / "step_000006.png", 4)
+    both = tiles(samples / "before_after.png", 4)
+    assert len(first) == len(last) == 8 and len(both) == 16  # 4 prompts x 2 seeds, twice
+    for prompt in range(4):
+        row = both[4 * prompt:4 * prompt + 4]
+        for seed in range(2):
+            assert np.array_equal(row[seed], first[2 * prompt + seed])
+            assert np.array_equal(row[2 + seed], last[2 * prompt + seed])
+    assert not all(np.array_equal(a, b) for a, b in zip(first, last))  # training changed what it draws
+
+
 def test_in_process_run_writes_the_run_folder(tmp_path):
     from dreambench.train import train
 
@@ -37,7 +59,8 @@ def test_in_process_run_writes_the_run_folder(tmp_path):
     assert metrics["prior"]["kind"] == "generated" and metrics["prior"]["count"] == 2
     assert (run / "config.yaml").read_text().count("subject: dog") == 1
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
-        "step_000000.png", "step_000003.png", "step_000006.png"]
+        "before_after.png", "step_000000.png", "step_000003.png", "step_000006.png"]
+    _check_before_after(run / "samples")
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
     assert [c.name for c in ckpts] == ["step=000006.ckpt"]  # keep_checkpoints=1
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]

@@ -1,4 +1,7 @@
-"""Fixed-seed sample grids at step 0, every N steps and at the end: the first thing a person looks at."""
+"""Fixed-seed sample grids at step 0, every N steps and at the end: the first thing a person looks at.
+
+At the end of a run `before_after.png` puts the first grid of the run beside the last, one row per prompt: what
+training changed, prompt by prompt (the subject in new contexts, and the bare class prompt, where drift shows)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ class SampleGrid(L.Callback):
         self.folder, self.every = Path(folder), int(every_n_steps)
         self.prompts, self.seeds, self.batch_size = prompts, list(seeds), batch_size
         self._last_step = -1
+        self._first: tuple[int, list[str], list] | None = None  # (step, prompts, images) of the run's first grid
+        self._last: list = []                                   # the images of the latest grid
 
     def _prompts(self, pl_module) -> list[str]:
         # The instance prompt, a few DreamBench contexts (recontextualisation) and the bare class prompt
@@ -49,6 +54,9 @@ class SampleGrid(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step_{step:06d}.png"
         grid.save(path)
+        self._last = images
+        if self._first is None:
+            self._first = (step, prompts, images)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # W&B
                 logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
@@ -61,5 +69,22 @@ class SampleGrid(L.Callback):
         if self.every > 0 and trainer.global_step % self.every == 0 and trainer.global_step > 0:
             self.render(trainer, pl_module)
 
+    def before_after(self, step: int, images: list) -> Path | None:
+        """before_after.png: per prompt, its images at the run's first grid, then the same seeds at `step`."""
+        if self._first is None or self._first[0] == step:
+            return None
+        first_step, prompts, first = self._first
+        n = len(self.seeds)
+        tiles, labels = [], []
+        for i, prompt in enumerate(prompts):
+            tiles += first[i * n:(i + 1) * n] + images[i * n:(i + 1) * n]
+            labels += ([prompt] * n + [f"after {step} steps"] * n if first_step == 0
+                       else [f"step {first_step}: {prompt}"] * n + [f"step {step}"] * n)
+        path = self.folder / "before_after.png"
+        image_grid(tiles, cols=2 * n, labels=labels).save(path)
+        return path
+
     def on_train_end(self, trainer, pl_module):
         self.render(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.before_after(trainer.global_step, self._last)
