@@ -25,6 +25,9 @@ class Table:
     metrics: tuple[str, ...]
     rows: tuple[Row, ...]
     notes: tuple[str, ...] = field(default=())  # what is known to differ from the paper
+    # Orderings the paper implies but its table has no numbers for: (higher row, lower row, metrics). Checked like
+    # the table's own orderings (analysis.tables.directions), with no paper difference beside them.
+    orders: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())
 
 
 SD_NOTES = (
@@ -51,6 +54,9 @@ TABLES = {
                 "Textual Inversion (Stable Diffusion)",
                 {"dino": 0.569, "clip_i": 0.780, "clip_t": 0.255},
             ),
+            # Not a row of the paper's table: the base model as it is, sampled with the same prompts. Both methods
+            # must rise above it in subject fidelity, or they learnt nothing (conf/recipe/table1_untrained.yaml).
+            Row("untrained", "Untrained model (not in the paper)", {"dino": None, "clip_i": None, "clip_t": None}),
         ),
         SD_NOTES
         + (
@@ -59,7 +65,11 @@ TABLES = {
             "Textual Inversion: the paper does not give its TI settings; ours are Gal et al.'s (lr 5e-3 x batch, "
             "no prior loss) with 3000 steps, conf/recipe/table1_textual_inversion.yaml.",
             "Real-images row: near-duplicate photos (cat 01/02, dog 03/04, dog5 02/03) inflate it, as in the paper.",
+            ("Untrained model: not in the paper's table; the base model with no training step, the floor both methods "
+             "must rise above in subject fidelity (DINO, CLIP-I)."),
         ),
+        orders=(("dreambooth", "untrained", ("dino", "clip_i")),
+                ("textual_inversion", "untrained", ("dino", "clip_i"))),
     ),
     "table3": Table(
         "table3",

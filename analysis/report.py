@@ -77,14 +77,14 @@ def _table_html(table, rows) -> str:
 
 def _directions_html(table: Any, rows: list) -> str:
     from analysis.paper import LABELS
-    from analysis.tables import directions, signed
+    from analysis.tables import directions, paper_diff, signed
 
     labels = {r.key: r.label for r in rows}
     head = "".join(f"<th>{h}</th>" for h in ("higher in the paper", "lower", "metric", "paper Δ",
                                               "ours Δ [95% CI]", "n", "verdict"))
     body = []
     for d in directions(table, rows):
-        cells = (labels[d.higher], labels[d.lower], LABELS[d.metric], f"{d.paper_diff:+.3f}", signed(d.diff),
+        cells = (labels[d.higher], labels[d.lower], LABELS[d.metric], paper_diff(d), signed(d.diff),
                  str(d.diff.n), d.verdict)
         body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
     return ("<h3>Directions (per-subject differences, paired)</h3><table><tr>" + head + "</tr>" + "".join(body)

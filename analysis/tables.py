@@ -145,13 +145,13 @@ def aggregate(per_subject: dict[str, dict[str, float]], metric: str, reason: str
 
 @dataclass
 class Direction:
-    """The paper's ordering of two rows on one metric, checked on our subjects: the per-subject difference
-    `higher - lower` (the rows as the paper orders them), its mean and 95% bootstrap interval over the subjects
-    both rows have."""
+    """An ordering of two rows on one metric, checked on our subjects: the per-subject difference `higher - lower`
+    (the rows as the paper orders them), its mean and 95% bootstrap interval over the subjects both rows have.
+    paper_diff is None for an ordering the paper implies but gives no numbers for (Table.orders)."""
     higher: str
     lower: str
     metric: str
-    paper_diff: float
+    paper_diff: float | None
     diff: Cell
 
     @property
@@ -165,25 +165,38 @@ class Direction:
         return "not resolved"
 
 
-def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
-    """Every ordering the paper's table states (two rows, a metric both have a number for), as a paired
-    difference over subjects: what "DreamBooth beats Textual Inversion" means, with its interval."""
+def paired(hi: RowResult, lo: RowResult, m: str) -> Cell:
+    """The mean per-subject difference hi - lo on metric m with its bootstrap interval, over the subjects both
+    rows have a number for."""
     from dreambench.metrics.functional import bootstrap_ci
 
+    both = [s for s in hi.per_subject if m in hi.per_subject[s] and m in lo.per_subject.get(s, {})]
+    d = [hi.per_subject[s][m] - lo.per_subject[s][m] for s in both]
+    if not d:
+        return Cell(reason="no subject in both rows")
+    return Cell(sum(d) / len(d), *bootstrap_ci(d, BOOT["samples"], BOOT["seed"], BOOT["level"]), len(d))
+
+
+def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
+    """Every ordering the paper's table states (two rows, a metric both have a number for), then the ones it
+    implies (table.orders), as paired differences over subjects: what "DreamBooth beats Textual Inversion" means,
+    with its interval."""
     out = []
     for m in table.metrics:
         with_paper = [r for r in rows if r.paper.get(m) is not None]
         for i, a in enumerate(with_paper):
             for b in with_paper[i + 1:]:
                 hi, lo = (a, b) if a.paper[m] >= b.paper[m] else (b, a)
-                both = [s for s in hi.per_subject if m in hi.per_subject[s] and m in lo.per_subject.get(s, {})]
-                d = [hi.per_subject[s][m] - lo.per_subject[s][m] for s in both]
-                cell = Cell(reason="no subject in both rows")
-                if d:
-                    ci = bootstrap_ci(d, BOOT["samples"], BOOT["seed"], BOOT["level"])
-                    cell = Cell(sum(d) / len(d), *ci, len(d))
-                out.append(Direction(hi.key, lo.key, m, hi.paper[m] - lo.paper[m], cell))
+                out.append(Direction(hi.key, lo.key, m, hi.paper[m] - lo.paper[m], paired(hi, lo, m)))
+    by_key = {r.key: r for r in rows}
+    for hi_key, lo_key, metrics in table.orders:
+        if hi_key in by_key and lo_key in by_key:
+            out += [Direction(hi_key, lo_key, m, None, paired(by_key[hi_key], by_key[lo_key], m)) for m in metrics]
     return out
+
+
+def paper_diff(d: Direction) -> str:
+    return "n/a" if d.paper_diff is None else f"{d.paper_diff:+.3f}"
 
 
 def build(folder: Path, table: Table) -> list[RowResult]:
@@ -273,11 +286,12 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
         lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
     labels = {r.key: r.label for r in rows}
     lines += ["", ("Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
-                   "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0."), "",
+                   "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0. "
+                   "Paper Δ n/a: an ordering the paper implies but has no numbers for."), "",
               "| higher in the paper | lower | metric | paper Δ | ours Δ [95% CI] | n | verdict |",
               "|---|---|---|---|---|---|---|"]
     for d in directions(table, rows):
-        lines.append(f"| {labels[d.higher]} | {labels[d.lower]} | {LABELS[d.metric]} | {d.paper_diff:+.3f} | "
+        lines.append(f"| {labels[d.higher]} | {labels[d.lower]} | {LABELS[d.metric]} | {paper_diff(d)} | "
                      f"{signed(d.diff)} | "
                      f"{d.diff.n} | {d.verdict} |")
     warn = smoke_note(rows)
@@ -346,7 +360,7 @@ def directions_csv(table: Table, rows: list[RowResult]) -> str:
                 "verdict"])
     for d in directions(table, rows):
         c = d.diff
-        w.writerow([table.name, d.higher, d.lower, d.metric, f"{d.paper_diff:.4f}",
+        w.writerow([table.name, d.higher, d.lower, d.metric, "" if d.paper_diff is None else f"{d.paper_diff:.4f}",
                     *([f"{c.mean:.4f}", f"{c.lo:.4f}", f"{c.hi:.4f}"] if c.n else ["", "", ""]), c.n, d.verdict])
     return buf.getvalue()
 

@@ -143,7 +143,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("data.on_bad_image", lambda v: v in ("error", "skip"), "error or skip"),
     ("model.attention", lambda v: v in ("sdpa", "eager"), "sdpa or eager"),
     ("model.vae_fp32", lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
-    ("trainer.max_steps", lambda v: v >= 1, ">= 1"),
+    ("trainer.max_steps", lambda v: v >= 0, ">= 0 (0: no training, the base model as it is)"),
     ("trainer.accumulate_grad_batches", lambda v: v >= 1, ">= 1"),
     ("trainer.precision", lambda v: str(v) not in ("16-true", "bf16-true", "64-true", "64", "double"),
      "32-true, bf16-mixed or 16-mixed (trainable weights stay fp32)"),

@@ -263,7 +263,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         t_fit = time.time()
         # Lightning's DDP launcher starts the other ranks inside fit(); they take the run folder from here.
         os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
-        trainer.fit(module, ckpt_path=str(plan.resume) if plan.resume else None)
+        if int(cfg.trainer.max_steps) > 0:
+            trainer.fit(module, ckpt_path=str(plan.resume) if plan.resume else None)
+        else:  # Table 1's untrained row (conf/recipe/table1_untrained.yaml): a run folder like any other
+            log.info("trainer.max_steps=0: no training step; the run's model is the base model as it is")
         fit_s = time.time() - t_fit
         metrics: dict[str, Any] = {}
         if preemption.preempted:  # a checkpoint, no export and no metrics.json: the run is not finished

@@ -58,7 +58,8 @@ EVAL+=(${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"})
 # One folder per row and run: <OUT>/<row>/<subject>-s<seed>.
 SWEEP=(hydra.sweep.dir="$OUT" 'hydra.sweep.subdir=${recipe.row}/${data.subject}-s${seed}')
 
-train() {  # train <recipe,...> [overrides...]: the multirun over subjects x recipes x seeds
+train() {  # train <recipe,...> [overrides...]: the multirun over subjects x recipes x seeds; the overrides given
+           # here define the row (a class noun, no training) and come last, after the table's and the user's
   local recipes=$1; shift
   if [ "$TOY" = 1 ] && [[ $recipes == *,* ]]; then  # rows with their own toy settings: one multirun per row
     local r
@@ -70,7 +71,7 @@ train() {  # train <recipe,...> [overrides...]: the multirun over subjects x rec
   [ "$TOY" = 1 ] && [ -n "${TOY_ROWS[$recipes]:-}" ] && row=(${TOY_ROWS[$recipes]})
   echo "+ python -m dreambench.train -m +experiment=$SUBJECTS +recipe=$recipes seed=$SEEDS $*" >&2
   "$PY" -m dreambench.train -m "+experiment=$SUBJECTS" "+recipe=$recipes" "seed=$SEEDS" "${SWEEP[@]}" \
-    ${TRAIN[@]+"${TRAIN[@]}"} ${row[@]+"${row[@]}"} "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+    ${TRAIN[@]+"${TRAIN[@]}"} ${row[@]+"${row[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 }
 
 evaluate_rows() {  # evaluate_rows <row> ...: every run of those rows (any method's runs)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Table 1 of DreamBooth (Ruiz et al., CVPR 2023): DreamBooth vs Textual Inversion on Stable Diffusion, all 30
-# DreamBench subjects, 25 prompts x 4 images each, plus the "Real images" row. `make table1` (GPU, real SD
-# weights) or `make table1-smoke` / `experiments/table1.sh --smoke` (tiny model, CPU, minutes).
-# Recipes: conf/recipe/table1_dreambooth.yaml, conf/recipe/table1_textual_inversion.yaml. Options: common.sh.
+# DreamBench subjects, 25 prompts x 4 images each, plus the "Real images" row and the untrained model (not in
+# the paper: the base model with no training step, one seed, the floor both methods must rise above).
+# `make table1` (GPU, real SD weights) or `make table1-smoke` / `experiments/table1.sh --smoke` (tiny model, CPU).
+# Recipes: conf/recipe/table1_{dreambooth,textual_inversion,untrained}.yaml. Options: common.sh.
 TABLE=table1
 source "$(dirname "$0")/common.sh"
 train table1_dreambooth,table1_textual_inversion
-evaluate_rows dreambooth textual_inversion
+SEEDS=0 train table1_untrained trainer.max_steps=0  # the base model does not depend on the training seed
+evaluate_rows dreambooth textual_inversion untrained
 "$PY" -m dreambench.evaluate mode=real out_dir="$OUT/real" "subjects=[$SUBJECTS]" ${EVAL[@]+"${EVAL[@]}"}
 tables

@@ -37,7 +37,7 @@ def _error(overrides: list[str], tmp_path: Path) -> str:
     ("data.on_bad_image=ignore", "data.on_bad_image='ignore' must be error or skip"),
     ("train.on_nonfinite=ignore", "train.on_nonfinite='ignore' must be stop or skip"),
     ("trainer.precision=16-true", "trainer.precision='16-true' must be"),
-    ("trainer.max_steps=0", "trainer.max_steps=0 must be >= 1"),
+    ("trainer.max_steps=-1", "trainer.max_steps=-1 must be >= 0"),  # 0: the untrained row
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be >= 1"),
     ("data.hflip=maybe", "data.hflip='maybe' should be bool"),
     ("guidance.num_inference_steps=2.5", "guidance.num_inference_steps=2.5 should be int"),

@@ -164,6 +164,32 @@ def test_directions_are_paired_differences_over_the_subjects_both_rows_have(tmp_
     assert "<td>reversed</td>" in (tmp_path / "tables" / "report.html").read_text()
 
 
+def test_the_untrained_row_is_checked_below_both_methods_without_a_paper_number(tmp_path):
+    # Table 1's untrained row is not in the paper: its orderings (each method above it on DINO and CLIP-I) are
+    # checked like the paper's, with "n/a" where the paper's difference would be.
+    for subject, (db, ti, base) in {"dog": (0.7, 0.5, 0.3), "cat": (0.6, 0.3, 0.35), "can": (0.8, 0.6, 0.2)}.items():
+        _run(tmp_path, "table1", "dreambooth", subject, 0, {"dino": db, "clip_i": 0.8})
+        _run(tmp_path, "table1", "textual_inversion", subject, 0, {"dino": ti, "clip_i": 0.7})
+        _run(tmp_path, "table1", "untrained", subject, 0, {"dino": base, "clip_i": 0.75})
+    rows = {r.key: r for r in tables.render(tmp_path, ["table1"])["table1"]}
+    assert rows["untrained"].cells["dino"].mean == pytest.approx((0.3 + 0.35 + 0.2) / 3)
+    found = {(d.higher, d.lower, d.metric): d for d in tables.directions(paper.TABLES["table1"], rows.values())}
+    db = found["dreambooth", "untrained", "dino"]
+    assert db.paper_diff is None and db.diff.mean == pytest.approx((0.4 + 0.25 + 0.6) / 3) and db.verdict == "holds"
+    ti = found["textual_inversion", "untrained", "dino"]
+    assert ti.diff.mean == pytest.approx((0.2 - 0.05 + 0.4) / 3) and ti.verdict == "not resolved"
+    assert found["textual_inversion", "untrained", "clip_i"].verdict == "reversed"
+    assert ("textual_inversion", "untrained", "clip_t") not in found  # the issue's ordering is on DINO and CLIP-I
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| DreamBooth (Stable Diffusion) | Untrained model (not in the paper) | DINO | n/a | +0.417 [" in md
+    by = {(r["higher"], r["lower"], r["metric"]): r
+          for r in csv.DictReader((tmp_path / "tables" / "table1_directions.csv").open())}
+    assert by["dreambooth", "untrained", "dino"]["paper_diff"] == "" and by["dreambooth", "untrained", "dino"][
+        "verdict"] == "holds"
+    assert "<td>Untrained model (not in the paper)</td><td>CLIP-I</td><td>n/a</td>" in (
+        tmp_path / "tables" / "report.html").read_text()
+
+
 def test_toy_world_tables_say_to_compare_directions_not_values(tmp_path):
     run = _run(tmp_path, "table3", "with_prior", "toy_cup1", 0, {"dino": 0.4, "pres": 0.3})
     (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
@@ -295,6 +321,9 @@ def test_table1_toy_mode_runs_the_worlds_subjects_with_each_rows_toy_settings(tm
     assert db_cfg["paths"]["dataset_dir"] == str(world_folder(cache)) and db_cfg["optimizer"]["lr"] == 3e-4
     assert db_cfg["prior"]["num_images"] == 2 and db_cfg["data"]["class_noun"] == "cup"
     assert ti_cfg["method"]["lr"] == 5e-3 and ti_cfg["trainer"]["accumulate_grad_batches"] == 1
+    base_cfg = yaml.safe_load((out / "untrained" / "toy_cup1-s0" / "config.yaml").read_text())
+    assert base_cfg["trainer"]["max_steps"] == 0 and base_cfg["prior"]["weight"] == 0  # despite trainer.max_steps=2
+    assert json.loads((out / "untrained" / "toy_cup1-s0" / "metrics.json").read_text())["steps"] == 0
     by = _csv(out, "table1")
-    for row in ("real", "dreambooth", "textual_inversion"):
+    for row in ("real", "dreambooth", "textual_inversion", "untrained"):
         assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1

@@ -91,6 +91,23 @@ def test_trained_weights_differ_from_the_base_and_frozen_ones_do_not(tmp_path, t
         assert same != changed, part
 
 
+def test_zero_steps_is_the_base_model_as_a_run_folder(tmp_path, tiny_model_dir):
+    # Table 1's untrained row (conf/recipe/table1_untrained.yaml): no training step, no class images, and a run
+    # folder that evaluate and generate read like any other, holding the base model's own weights.
+    from safetensors.torch import load_file
+
+    from dreambench.train import train
+    run = tmp_path / "run"
+    mine = [o for o in TINY if not o.startswith(("prior.", "trainer.max_steps"))]
+    metrics = train(compose(["+experiment=dog", *mine, "+recipe=table1_untrained", f"paths.run_dir={run}"]))
+    assert metrics["steps"] == 0 and metrics["prior"]["kind"] == "none"
+    for part in ("unet", "vae", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = load_file(tiny_model_dir / part / name), load_file(run / "model" / part / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
 def test_cli_run_with_wandb_offline(tmp_path):
     run = tmp_path / "cli-run"
     started = time.monotonic()
