@@ -30,7 +30,7 @@ endif
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-latest lock lock-check postgres demo test test-fast test-latest clean-runs
+.PHONY: help install install-latest lock lock-check postgres demo demo-tiny test test-fast test-latest clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
@@ -83,7 +83,14 @@ postgres: ## install Debian's PostgreSQL server for the tests when it is missing
 	      "(sudo apt-get install postgresql, or PYTEST_ARGS='-m \"not postgres\"')" >&2; \
 	  fi; }
 
-demo: $(STAMP) ## train the dog experiment on the tiny model (CPU, a few minutes) and print the run folder
+# The demo: DreamBooth on a subject of the toy world (docs/TOY_WORLD.md), on model=toy, which the first run builds
+# into the cache (~15-20 min on 2 CPU cores, once). samples/before_after.png shows what training changed.
+DEMO_SUBJECT ?= toy_car1
+demo: $(STAMP) ## DreamBooth on a toy-world subject (CPU; builds model=toy once, ~20 min) and print the run folder
+	$(BIN)/python -m dreambench.world build --no-encoders
+	$(BIN)/python -m dreambench.train +experiment=$(DEMO_SUBJECT)
+
+demo-tiny: $(STAMP) ## the dog experiment on the random tiny model (CPU, ~1 min): a smoke run, nothing to see
 	$(BIN)/python -m dreambench.train +experiment=dog model=tiny +preset=smoke
 
 # On the lock (not LATEST=1): first check that requirements/lock.txt is pyproject.toml's and .venv is that lock.

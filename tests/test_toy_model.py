@@ -89,3 +89,24 @@ def test_check_names_what_is_missing_and_builds_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no toy encoder at" in err and "python -m dreambench.world build" in err
     assert not (tmp_path / "toy-encoders").exists() and not (tmp_path / "out").exists()
+
+
+def test_build_without_encoders_builds_what_training_needs_and_no_encoder(tmp_path, monkeypatch, capsys):
+    # `make demo`'s first step: the data set and model=toy, not the 20-minute encoders (training does not use them).
+    import dreambench.world.encoders as encoders
+    from dreambench.world.__main__ import main
+    from dreambench.world.world import is_built as world_built
+    from dreambench.world.world import world_folder
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("build --no-encoders started building the encoders")
+
+    monkeypatch.setattr(encoders, "ensure_encoders", forbidden)
+    (tmp_path / folder_name(Recipe())).mkdir()
+    (tmp_path / folder_name(Recipe()) / "toy.json").write_text("{}")  # model=toy, as far as the build can tell
+    main(["build", "--cache", str(tmp_path), "--no-encoders"])
+    out = capsys.readouterr().out
+    assert world_built(world_folder(tmp_path), 0) and f"toy model: {tmp_path / folder_name(Recipe())}" in out
+    assert "toy encoders" not in out and not (tmp_path / "toy-encoders").exists()
+    with pytest.raises(AssertionError, match="started building the encoders"):  # without the flag it would
+        main(["build", "--cache", str(tmp_path)])

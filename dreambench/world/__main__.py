@@ -1,8 +1,8 @@
 """`python -m dreambench.world build | check | configs | path | sheet`: see docs/TOY_WORLD.md.
 
 build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model
-        and the toy encoders (metrics=toy), into the cache; prints their folders. Each is built once: an
-        unchanged recipe is never rebuilt.
+        (model=toy) and, unless --no-encoders, the toy encoders (metrics=toy), into the cache; prints their
+        folders. Each is built once: an unchanged recipe is never rebuilt.
 check   how well model=toy draws what a class prompt names, judged by a classifier of the world's drawings:
         class and context accuracy, and a grid of the images (rows: classes, columns: contexts).
 configs write conf/experiment/toy_<subject>.yaml for every subject (what `+experiment=toy_ball1` reads).
@@ -26,7 +26,7 @@ def _cache(arg: Path | None) -> Path:
     return (arg or default_cache_root()).expanduser()
 
 
-def build(cache: Path, seed: int, model: bool) -> None:
+def build(cache: Path, seed: int, model: bool, encoders: bool = True) -> None:
     from dreambench.world.world import ensure_world
     t = time.perf_counter()
     root = ensure_world(cache, seed)
@@ -36,6 +36,7 @@ def build(cache: Path, seed: int, model: bool) -> None:
         t = time.perf_counter()
         folder = ensure_toy_model(cache, Recipe(world_seed=seed))
         print(f"toy model: {folder} ({time.perf_counter() - t:.1f} s)")
+    if model and encoders:
         from dreambench.world.encoders import EncoderRecipe, ensure_encoders
         t = time.perf_counter()
         enc = ensure_encoders(cache, EncoderRecipe(world_seed=seed))
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
     b.add_argument("--seed", type=int, default=0, help="the world's seed (default 0)")
     b.add_argument("--no-model", action="store_true", help="only the data set")
+    b.add_argument("--no-encoders", action="store_true",
+                   help="the data set and model=toy only, not the metrics=toy encoders (~20 min more): what training "
+                        "needs, not evaluation")
     c = sub.add_parser("check", help="class and context accuracy of model=toy's class prompts, and their grid")
     c.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
     c.add_argument("--out", type=Path, default=Path("toy-check"), help="folder for check.json and the grid")
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error():
         if args.command == "build":
-            build(_cache(args.cache), args.seed, not args.no_model)
+            build(_cache(args.cache), args.seed, not args.no_model, not args.no_encoders)
         elif args.command == "configs":
             from dreambench.world.world import experiment_yaml, subjects
             for name, thing in subjects(0).items():
