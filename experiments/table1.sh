@@ -7,7 +7,9 @@
 TABLE=table1
 source "$(dirname "$0")/common.sh"
 train table1_dreambooth,table1_textual_inversion
-SEEDS=0 train table1_untrained trainer.max_steps=0  # the base model does not depend on the training seed
+# Seed 0 only: the base model does not depend on the training seed. max_steps=0 again on the command line,
+# as the recipe says: --toy and --smoke set trainer.max_steps for every row, and a command-line value wins.
+SEEDS=0 train table1_untrained trainer.max_steps=0
 evaluate_rows dreambooth textual_inversion untrained
 "$PY" -m dreambench.evaluate mode=real out_dir="$OUT/real" "subjects=[$SUBJECTS]" ${EVAL[@]+"${EVAL[@]}"}
 tables
