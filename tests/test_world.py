@@ -158,6 +158,42 @@ def test_a_world_folder_from_before_a_subject_changed_is_written_again(tmp_path)
     assert (root / "toy_cup1").is_dir() and not (root / "cup1").exists()
 
 
+def test_every_photo_has_its_objects_silhouette_as_its_loss_mask(world, tmp_path):
+    # loss.mask=true on the world reads <photo>.mask.png (dreambench.data.sidecars): white where the object is.
+    import json
+
+    from PIL import Image
+
+    from dreambench.data.sidecars import MASK_SUFFIX
+    from dreambench.world.world import ensure_world
+    from dreambench.world.world import world_folder as folder_of
+
+    thing = subjects(0)["toy_cup2"]
+    si = list(subjects(0)).index("toy_cup2")
+    scene = photo(thing, 0, si, 0)
+    mask = np.asarray(Image.open(world / "toy_cup2" / f"00{MASK_SUFFIX}")).astype(np.float32) / 255
+    assert mask.shape == (PHOTO_SIZE, PHOTO_SIZE)
+    # Hand check: the photo drawn on two different backdrops differs only where the object is not.
+    from dataclasses import replace
+    a = np.asarray(render(replace(scene, context=""), PHOTO_SIZE), dtype=np.float32)  # grey studio
+    b = np.asarray(render(replace(scene, context="in the jungle"), PHOTO_SIZE), dtype=np.float32)
+    moved = np.abs(a - b).max(-1) > 8
+    assert 0.03 < mask.mean() < 0.6                      # an object, not the whole picture, not nothing
+    assert mask[~moved].mean() > 0.9                     # where the backdrop does not show, the mask is the object
+    assert mask[moved].mean() < 0.1                      # where it shows, the mask is (nearly) empty
+    n_photos = sum(1 for p in world.rglob("*.png") if not p.name.endswith(MASK_SUFFIX))
+    assert sum(1 for _ in world.rglob(f"*{MASK_SUFFIX}")) == n_photos
+    # A world folder written before the masks existed is written again (no version bump: models stay valid).
+    root = ensure_world(tmp_path, progress=False)
+    meta = json.loads((root / "world.json").read_text())
+    del meta["masks"]
+    (root / "world.json").write_text(json.dumps(meta))
+    for m in root.rglob(f"*{MASK_SUFFIX}"):
+        m.unlink()
+    assert ensure_world(tmp_path, progress=False) == folder_of(tmp_path)
+    assert (root / "toy_cup2" / f"00{MASK_SUFFIX}").is_file()
+
+
 def test_path_prints_a_built_part_and_refuses_a_missing_one(world, tmp_path, capsys):
     # `python -m dreambench.world path` is what scripts (experiments/*.sh --toy) ask for the world's folder.
     import shutil

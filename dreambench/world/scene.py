@@ -373,6 +373,13 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return im.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def silhouette(scene: Scene, size: int = 64) -> Image.Image:
+    """Where the object is in `render(scene, size)`: its coverage of each pixel (L, 255 = all object), the loss
+    mask of a photo (loss.mask, `<photo>.mask.png`)."""
+    obj = _object_layer(scene, size * SUPERSAMPLE)
+    return obj.getchannel("A").resize((size, size), Image.Resampling.BOX)
+
+
 def random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.95))
     return int(r * 255), int(g * 255), int(b * 255)
