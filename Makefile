@@ -118,7 +118,7 @@ bench: $(STAMP) ## dreambench vs a plain PyTorch reference loop, side by side (+
 # The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
 # SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.
 TABLE_ARGS ?= trainer=gpu
-.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke table1-toy table3-toy table4-toy
+.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke table1-toy table3-toy table4-toy toolbox-toy
 
 table1: $(STAMP) ## Table 1: DreamBooth vs Textual Inversion, 30 subjects + real images (GPU, real SD weights)
 	PY=$(BIN)/python bash experiments/table1.sh $(TABLE_ARGS)
@@ -147,6 +147,9 @@ table3-toy: $(STAMP) ## Table 3 on the toy world (CPU)
 
 table4-toy: $(STAMP) ## Table 4 on the toy world (CPU)
 	PY=$(BIN)/python bash experiments/table4.sh --toy
+
+toolbox-toy: $(STAMP) ## each training switch against DreamBooth with none, on the toy world (docs/TOOLBOX.md; CPU)
+	PY=$(BIN)/python bash experiments/toolbox.sh --toy
 
 # The toy world (docs/TOY_WORLD.md): a data set, a pretrained model (model=toy) and encoders (metrics=toy) the
 # project builds itself, once, into the cache.

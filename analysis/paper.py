@@ -28,6 +28,12 @@ class Table:
     # Orderings the paper implies but its table has no numbers for: (higher row, lower row, metrics). Checked like
     # the table's own orderings (analysis.tables.directions), with no paper difference beside them.
     orders: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())
+    # A table of effects (not the paper's): every other row minus this one, per metric, instead of the paper's
+    # orderings, with the verdict "raises" / "lowers" / "not resolved" (experiments/toolbox.sh).
+    baseline: str | None = None
+    # "subject": several seeds of a subject are averaged first, and intervals are over subjects (the paper's
+    # tables); "run": every (subject, seed) run is a unit of its own, paired by subject and seed.
+    unit: str = "subject"
 
 
 SD_NOTES = (
@@ -111,5 +117,32 @@ TABLES = {
             "No class noun: the class prompt of the prior loss becomes 'a' (the paper does not say what it used).",
         )
         + SD_NOTES,
+    ),
+    "toolbox": Table(
+        "toolbox",
+        "The training toolbox: each switch's effect on DreamBooth (not in the paper)",
+        ("dino", "clip_i", "clip_t", "pres"),
+        tuple(
+            Row(key, label, {"dino": None, "clip_i": None, "clip_t": None, "pres": None})
+            for key, label in (
+                ("baseline", "DreamBooth, every switch off"),
+                ("min_snr", "min-SNR-γ, γ = 5"),
+                ("noise_offset", "offset noise 0.05"),
+                ("input_perturbation", "input perturbation 0.1"),
+                ("ema", "EMA of the weights"),
+                ("caption_dropout", "caption dropout 0.1"),
+                ("mask", "masked loss"),
+            )
+        ),
+        (
+            "Not a table of the paper: each switch of docs/TOOLBOX.md against DreamBooth with every switch off, same "
+            "subjects, seeds, steps and learning rate; recipes conf/recipe/toolbox_*.yaml.",
+            "Δ: switch − baseline per (subject, seed) run, paired; PRES is lower-is-better (a switch that lowers it "
+            "preserves the class better).",
+            "Masked loss needs masks: the toy world writes each photo's silhouette; DreamBench's photos have none (the "
+            "row then trains as the baseline).",
+        ),
+        baseline="baseline",
+        unit="run",
     ),
 }

@@ -38,8 +38,12 @@ def grid_for(run, out: Path) -> Path | None:
         info = json.loads(manifest.read_text()).get("subjects", {}).get(run.subject, {})
         folder = Path(info.get("real_folder", ""))
         if folder.is_dir():
+            from dreambench.data.sidecars import is_sidecar  # a photo's mask or caption is not a photo
+
+            names = {p.name for p in folder.iterdir()}
             real = sorted(
-                p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
+                p for p in folder.iterdir()
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and not is_sidecar(p, names)
             )
     real = real[:MAX_REAL]
     gen = gen[:MAX_GENERATED]
@@ -54,8 +58,11 @@ def grid_for(run, out: Path) -> Path | None:
 def _table_html(table, rows) -> str:
     from analysis.tables import diff, fmt, ours
 
-    head = "".join(f"<th colspan=3>{html.escape(LABELS[m])}</th>" for m in table.metrics)
-    sub = "".join("<th>ours [95% CI]</th><th>paper</th><th>Δ</th>" for _ in table.metrics)
+    paper = not table.baseline  # a table of effects has no paper numbers beside its own
+    span = 3 if paper else 1
+    head = "".join(f"<th colspan={span}>{html.escape(LABELS[m])}</th>" for m in table.metrics)
+    sub = "".join(("<th>ours [95% CI]</th><th>paper</th><th>Δ</th>" if paper else "<th>ours [95% CI]</th>")
+                  for _ in table.metrics)
     body = []
     for r in rows:
         cells = []
@@ -63,31 +70,31 @@ def _table_html(table, rows) -> str:
             c, p = r.cells[m], r.paper.get(m)
             d = diff(c, p)
             cells.append(
-                f"<td>{html.escape(ours(c))}</td><td>{fmt(p)}</td>"
-                f"<td>{'n/a' if d is None else f'{d:+.3f}'}</td>"
+                f"<td>{html.escape(ours(c))}</td>" + (f"<td>{fmt(p)}</td>"
+                f"<td>{'n/a' if d is None else f'{d:+.3f}'}</td>" if paper else "")
             )
         n = max((c.n for c in r.cells.values()), default=0)
         body.append(f"<tr><th>{html.escape(r.label)}</th>{''.join(cells)}<td>{n}</td></tr>")
     return (
-        f"<table><tr><th rowspan=2>row</th>{head}<th rowspan=2>subjects</th></tr><tr>{sub}</tr>"
+        f"<table><tr><th rowspan=2>row</th>{head}<th rowspan=2>{'runs' if table.unit == 'run' else 'subjects'}</th>"
+        f"</tr><tr>{sub}</tr>"
         + "".join(body)
         + "</table>"
     )
 
 
 def _directions_html(table: Any, rows: list) -> str:
-    from analysis.paper import LABELS
-    from analysis.tables import directions, paper_diff, signed
+    from analysis.tables import direction_cells, direction_head, directions
 
     labels = {r.key: r.label for r in rows}
-    head = "".join(f"<th>{h}</th>" for h in ("higher in the paper", "lower", "metric", "paper Δ",
-                                              "ours Δ [95% CI]", "n", "verdict"))
+    head = "".join(f"<th>{h}</th>" for h in direction_head(table))
     body = []
     for d in directions(table, rows):
-        cells = (labels[d.higher], labels[d.lower], LABELS[d.metric], paper_diff(d), signed(d.diff),
-                 str(d.diff.n), d.verdict)
+        cells = direction_cells(table, d, labels)
         body.append("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>")
-    return ("<h3>Directions (per-subject differences, paired)</h3><table><tr>" + head + "</tr>" + "".join(body)
+    what = "Effects (each switch − the baseline, paired by run)" if table.baseline else \
+        "Directions (per-subject differences, paired)"
+    return (f"<h3>{what}</h3><table><tr>" + head + "</tr>" + "".join(body)
             + "</table>")
 
 

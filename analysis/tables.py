@@ -153,15 +153,16 @@ class Direction:
     metric: str
     paper_diff: float | None
     diff: Cell
+    effect: bool = False  # `higher` is a switch, `lower` the baseline (Table.baseline): raises / lowers
 
     @property
     def verdict(self) -> str:
         if not self.diff.n:
             return "no data"
         if self.diff.lo > 0:
-            return "holds"
+            return "raises" if self.effect else "holds"
         if self.diff.hi < 0:
-            return "reversed"
+            return "lowers" if self.effect else "reversed"
         return "not resolved"
 
 
@@ -180,7 +181,12 @@ def paired(hi: RowResult, lo: RowResult, m: str) -> Cell:
 def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
     """Every ordering the paper's table states (two rows, a metric both have a number for), then the ones it
     implies (table.orders), as paired differences over subjects: what "DreamBooth beats Textual Inversion" means,
-    with its interval."""
+    with its interval. A table with a baseline (Table.baseline): every other row minus the baseline instead."""
+    by_key = {r.key: r for r in rows}
+    if table.baseline:
+        base = by_key[table.baseline]
+        return [Direction(r.key, base.key, m, None, paired(r, base, m), effect=True)
+                for r in rows if r.key != base.key for m in table.metrics]
     out = []
     for m in table.metrics:
         with_paper = [r for r in rows if r.paper.get(m) is not None]
@@ -188,7 +194,6 @@ def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
             for b in with_paper[i + 1:]:
                 hi, lo = (a, b) if a.paper[m] >= b.paper[m] else (b, a)
                 out.append(Direction(hi.key, lo.key, m, hi.paper[m] - lo.paper[m], paired(hi, lo, m)))
-    by_key = {r.key: r for r in rows}
     for hi_key, lo_key, metrics in table.orders:
         if hi_key in by_key and lo_key in by_key:
             out += [Direction(hi_key, lo_key, m, None, paired(by_key[hi_key], by_key[lo_key], m)) for m in metrics]
@@ -197,6 +202,21 @@ def directions(table: Table, rows: list[RowResult]) -> list[Direction]:
 
 def paper_diff(d: Direction) -> str:
     return "n/a" if d.paper_diff is None else f"{d.paper_diff:+.3f}"
+
+
+def direction_head(table: Table) -> tuple[str, ...]:
+    """The columns of a table's directions (markdown and report.html); a baseline table has effects instead."""
+    if table.baseline:
+        return ("switch", "metric", "Δ switch − baseline [95% CI]", "n", "effect")
+    return ("higher in the paper", "lower", "metric", "paper Δ", "ours Δ [95% CI]", "n", "verdict")
+
+
+def direction_cells(table: Table, d: Direction, labels: dict[str, str]) -> tuple[str, ...]:
+    """One direction's cells under direction_head(table)."""
+    if table.baseline:
+        return (labels[d.higher], LABELS[d.metric], signed(d.diff), str(d.diff.n), d.verdict)
+    return (labels[d.higher], labels[d.lower], LABELS[d.metric], paper_diff(d), signed(d.diff), str(d.diff.n),
+            d.verdict)
 
 
 def build(folder: Path, table: Table) -> list[RowResult]:
@@ -211,10 +231,13 @@ def build(folder: Path, table: Table) -> list[RowResult]:
         else:
             mine = [r for r in runs if r.row == row.key]
             per = {}
-            for s in sorted({r.subject for r in mine}):  # several seeds of a subject: their mean first
-                seeds = [r.scores for r in mine if r.subject == s]
-                keys = set().union(*seeds)
-                per[s] = {k: sum(x[k] for x in seeds if k in x) / sum(k in x for x in seeds) for k in keys}
+            if table.unit == "run":  # each (subject, seed) a unit: rows pair by subject and seed
+                per = {f"{r.subject}-s{r.seed}": dict(r.scores) for r in mine}
+            else:
+                for s in sorted({r.subject for r in mine}):  # several seeds of a subject: their mean first
+                    seeds = [r.scores for r in mine if r.subject == s]
+                    keys = set().union(*seeds)
+                    per[s] = {k: sum(x[k] for x in seeds if k in x) / sum(k in x for x in seeds) for k in keys}
             reasons = {}
             for r in mine:
                 reasons.update(r.reasons)
@@ -272,35 +295,37 @@ def diff(c: Cell, paper: float | None) -> float | None:
 
 
 def to_markdown(table: Table, rows: list[RowResult]) -> str:
-    head = (
-        ["row"] + [f"{LABELS[m]} {h}" for m in table.metrics for h in ("ours [95% CI]", "paper", "Δ")] + ["n"]
-    )
+    paper = not table.baseline  # a table of effects has no paper numbers beside its own
+    cols = ("ours [95% CI]", "paper", "Δ") if paper else ("ours [95% CI]",)
+    head = ["row"] + [f"{LABELS[m]} {h}" for m in table.metrics for h in cols] + ["n"]
     lines = [f"### {table.title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = []
         for m in table.metrics:
             c, p = r.cells[m], r.paper.get(m)
             d = diff(c, p)
-            cells += [ours(c), fmt(p), "n/a" if d is None else f"{d:+.3f}"]
+            cells += [ours(c), fmt(p), "n/a" if d is None else f"{d:+.3f}"] if paper else [ours(c)]
         n = max((c.n for c in r.cells.values()), default=0)
         lines.append("| " + " | ".join([r.label] + cells + [str(n)]) + " |")
     labels = {r.key: r.label for r in rows}
-    lines += ["", ("Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
-                   "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0. "
-                   "Paper Δ n/a: an ordering the paper implies but has no numbers for."), "",
-              "| higher in the paper | lower | metric | paper Δ | ours Δ [95% CI] | n | verdict |",
-              "|---|---|---|---|---|---|---|"]
+    head = direction_head(table)
+    lines += ["", ("Effects: each switch minus the baseline, the mean of the paired per-run differences (same "
+                   "subject and seed) [95% bootstrap interval over runs]; a switch raises or lowers a metric when "
+                   "the interval excludes 0.") if table.baseline else
+              ("Directions: the paper's ordering of two rows, as the mean per-subject difference (higher − lower "
+               "in the paper) [95% bootstrap interval over subjects]; it holds when the interval excludes 0. "
+               "Paper Δ n/a: an ordering the paper implies but has no numbers for."), "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in directions(table, rows):
-        lines.append(f"| {labels[d.higher]} | {labels[d.lower]} | {LABELS[d.metric]} | {paper_diff(d)} | "
-                     f"{signed(d.diff)} | "
-                     f"{d.diff.n} | {d.verdict} |")
+        lines.append("| " + " | ".join(direction_cells(table, d, labels)) + " |")
     warn = smoke_note(rows)
     lines += (
         ([""] + [f"**{warn}**"] if warn else [])
         + [
             "",
-            "Ours: mean over subjects [95% bootstrap interval over subjects]; Δ = ours − paper. "
-            "Known differences from the paper:",
+            f"Ours: mean over {'runs' if table.unit == 'run' else 'subjects'} [95% bootstrap interval over "
+            f"{'runs' if table.unit == 'run' else 'subjects'}]"
+            + ("; Δ = ours − paper. Known differences from the paper:" if paper else ". Notes:"),
             "",
         ]
         + [f"- {n}" for n in table.notes]

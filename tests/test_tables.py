@@ -190,6 +190,39 @@ def test_the_untrained_row_is_checked_below_both_methods_without_a_paper_number(
         tmp_path / "tables" / "report.html").read_text()
 
 
+def test_the_toolbox_table_is_each_switch_minus_the_baseline_paired_by_subject_and_seed(tmp_path):
+    # Every (subject, seed) run is a unit of its own, paired with the baseline's run of the same subject and seed.
+    base = {("dog", 0): 0.50, ("dog", 1): 0.60, ("cat", 0): 0.40, ("cat", 1): 0.30}
+    shift = {"ema": {("dog", 0): 0.10, ("dog", 1): 0.05, ("cat", 0): 0.08, ("cat", 1): 0.02},    # all up
+             "mask": {("dog", 0): -0.2, ("dog", 1): -0.1, ("cat", 0): -0.3, ("cat", 1): -0.1},    # all down
+             "min_snr": {("dog", 0): 0.10, ("dog", 1): -0.1, ("cat", 0): 0.05, ("cat", 1): -0.05}}  # mixed
+    for (subject, seed), v in base.items():
+        _run(tmp_path, "toolbox", "baseline", subject, seed, {"dino": v, "pres": 0.5})
+        for row, d in shift.items():
+            _run(tmp_path, "toolbox", row, subject, seed, {"dino": v + d[subject, seed], "pres": 0.5 - d[subject, seed]})
+    _run(tmp_path, "toolbox", "ema", "can", 0, {"dino": 0.9})  # no baseline run of can: left out of the pairs
+    rows = tables.render(tmp_path, ["toolbox"])["toolbox"]
+    by_row = {r.key: r for r in rows}
+    assert by_row["baseline"].cells["dino"].n == 4 and by_row["ema"].cells["dino"].n == 5  # runs, not subjects
+    assert by_row["baseline"].cells["dino"].mean == pytest.approx(0.45)
+    found = {(d.higher, d.metric): d for d in tables.directions(paper.TABLES["toolbox"], rows)}
+    assert {d.lower for d in found.values()} == {"baseline"}
+    assert "baseline" not in {d.higher for d in found.values()}
+    ema = found["ema", "dino"]
+    assert ema.diff.n == 4 and ema.diff.mean == pytest.approx(0.0625) and ema.verdict == "raises"
+    assert found["ema", "pres"].verdict == "lowers" and found["mask", "dino"].verdict == "lowers"
+    assert found["min_snr", "dino"].verdict == "not resolved"
+    assert found["noise_offset", "dino"].verdict == "no data"  # a row with no runs
+    md = (tmp_path / "tables" / "toolbox.md").read_text()
+    assert "| EMA of the weights | DINO | +0.063 [" in md and "| 4 | raises |" in md
+    assert "paper" not in md.split("Effects:")[0].split("\n", 3)[2]  # no paper columns in a table of effects
+    eff = {(r["higher"], r["metric"]): r for r in
+           csv.DictReader((tmp_path / "tables" / "toolbox_directions.csv").open())}
+    assert eff["mask", "dino"]["verdict"] == "lowers" and eff["ema", "dino"]["lower"] == "baseline"
+    report = (tmp_path / "tables" / "report.html").read_text()
+    assert "Effects (each switch" in report and "<td>raises</td>" in report
+
+
 def test_toy_world_tables_say_to_compare_directions_not_values(tmp_path):
     run = _run(tmp_path, "table3", "with_prior", "toy_cup1", 0, {"dino": 0.4, "pres": 0.3})
     (run / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "config.yaml").read_text()),
@@ -327,3 +360,29 @@ def test_table1_toy_mode_runs_the_worlds_subjects_with_each_rows_toy_settings(tm
     by = _csv(out, "table1")
     for row in ("real", "dreambooth", "textual_inversion", "untrained"):
         assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1
+
+
+@pytest.mark.slow
+def test_toolbox_smoke_end_to_end_each_row_is_the_baseline_with_its_one_switch(tmp_path):
+    out = _smoke("toolbox", tmp_path, "dog", "trainer.max_steps=3")
+    cfgs = {p.parent.parent.name: yaml.safe_load(p.read_text()) for p in out.glob("*/dog-s0/config.yaml")}
+    switched = {"min_snr": ("loss", "min_snr_gamma", 5.0), "noise_offset": ("loss", "noise_offset", 0.05),
+                "input_perturbation": ("loss", "input_perturbation", 0.1), "mask": ("loss", "mask", True),
+                "caption_dropout": ("data", "caption_dropout", 0.1)}
+    assert set(cfgs) == {"baseline", "ema", *switched}
+
+    def flat(d, pre=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
+    base = flat(cfgs["baseline"])
+    for row, cfg in cfgs.items():
+        changed = {k for k, v in flat(cfg).items() if base.get(k) != v} - {"recipe.row", "run_name", "paths.run_dir"}
+        changed = {k for k in changed if not k.startswith(("hydra.", "paths."))}
+        want = ({f"{switched[row][0]}.{switched[row][1]}"} if row in switched else
+                {"train.ema.enabled", "train.ema.decay"} if row == "ema" else set())
+        assert changed == want, row
+        if row in switched:
+            assert cfg[switched[row][0]][switched[row][1]] == switched[row][2]
+    by = {(r["higher"], r["metric"]): r for r in csv.DictReader((out / "tables" / "toolbox_directions.csv").open())}
+    assert {h for h, _ in by} == {"ema", *switched} and all(r["n_subjects"] == "1" for r in by.values())
+
