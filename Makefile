@@ -115,6 +115,15 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## dreambench vs a plain PyTorch reference loop, side by side (+ GPU cases when CUDA is there) -> bench/results/
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# One prepared call for a session with a GPU (bench/gpu_check.py): SD 1.5 step (ms, MFU, peak vs plan, reference),
+# class and evaluation images/s, syncs, a bf16 end-to-end run with compile off and on; stops itself inside
+# GPU_CHECK_ARGS' --budget-s (default 480 s). On a CPU the GPU cases say "skipped" and the end-to-end chain runs
+# on the tiny model.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: $(STAMP) ## everything a GPU session should measure, in one call inside 8 minutes -> bench/results/gpu-*
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 # The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
 # SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.
 TABLE_ARGS ?= trainer=gpu

@@ -219,6 +219,48 @@ def test_quick_bench_run_writes_json_and_markdown(tmp_path):
     assert md in p.stdout  # the table is printed too
 
 
+@pytest.mark.slow
+def test_gpu_check_runs_on_a_cpu_with_its_gpu_cases_skipped_and_the_end_to_end_chain_on_the_tiny_model(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--budget-s", "900"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu-latest.json").read_text())
+    md = (tmp_path / "gpu-latest.md").read_text()
+    assert data["cases"] == {"sd15_step": "ok", "end_to_end": "ok", "syncs": "ok", "class_images": "ok",
+                             "eval_images": "ok", "sdxl_step": "ok"} and data["not_reached"] == {}
+    rows = data["rows"]
+    for case in ("full size (GPU)", "class images", "evaluation images"):
+        got = [r for r in rows if r["case"] == case]
+        assert got and all(r.get("skipped") for r in got), case
+    e2e = next(r for r in rows if r["case"] == "end to end" and not r.get("skipped"))
+    assert e2e["status"] == "ok" and [s["stage"] for s in e2e["stages"]] == ["train + export", "generate", "evaluate"]
+    assert {"dino", "clip_t"} <= set(e2e["scores"]) and any(x.endswith(".safetensors") for x in e2e["exported"])
+    syncs = next(r for r in rows if r["case"] == "host syncs per step" and r["variant"] == "dreambench")
+    assert syncs["median"] <= 0.2  # the hot path's guarantee (issue 15), read through the same script
+    assert "## End to end" in md and "Not reached: nothing." in md and md in p.stdout
+
+
+def test_gpu_check_stops_inside_its_budget_and_says_what_it_did_not_reach(tmp_path):
+    # A budget too small for any timed case: nothing that needs time starts, each is reported with the reason,
+    # the report is still written, and the whole call ends well inside the budget.
+    import time
+
+    from bench import gpu_check
+    t0 = time.monotonic()
+    data = gpu_check.main(["--out", str(tmp_path), "--budget-s", "40"])
+    assert time.monotonic() - t0 < 40
+    assert data["cases"]["end_to_end"] == "not reached" and "budget" in data["not_reached"]["end_to_end"]
+    assert data["cases"]["syncs"] == "not reached"
+    assert json.loads((tmp_path / "gpu-latest.json").read_text())["not_reached"] == data["not_reached"]
+    # A case that overruns is interrupted at the deadline, not waited for.
+    d = gpu_check.Deadline(time.monotonic() + 0.5)
+    t1 = time.monotonic()
+    with pytest.raises(gpu_check.BudgetExceeded), d.interrupt_at_end():
+        time.sleep(30)
+    assert time.monotonic() - t1 < 5
+
+
 def test_fused_adamw_trains_under_bf16_mixed_with_clipping(images, tmp_path):
     """Lightning refuses clipping with a fused optimizer under mixed precision unless speed.allow_clipping
     runs; with it, 2 bf16-mixed steps with gradient_clip_val=1.0 and fused AdamW train the UNet."""
