@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -163,3 +164,15 @@ class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
             key = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
             self.where[key] = self.where.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def write_results(out: Path, prefix: str, latest: str, result: dict[str, Any], md: str) -> Path:
+    """<out>/<prefix>-<time>.json and .md, the same as <out>/<latest>.json and .md; prints the markdown table.
+    Returns the timestamped JSON's path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"{prefix}-{stamp}", latest):
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / f"{name}.md").write_text(md)
+    print(md)
+    return out / f"{prefix}-{stamp}.json"
+

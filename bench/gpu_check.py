@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.common import REPO, machine, stats, synthetic_images
+from bench.common import REPO, machine, stats, synthetic_images, write_results
 
 RESERVE_S = 15.0  # kept back from the budget for writing the report
 SUBJECT, CLASS_NOUN = "bench", "dog"
@@ -352,14 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import shutil
         shutil.rmtree(work, ignore_errors=True)
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    md = markdown(result)
-    for name in (f"gpu-{stamp}", "gpu-latest"):
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / f"{name}.md").write_text(md)
-    print(md)
-    log(f"gpu-check: wrote {out / f'gpu-{stamp}.json'} and .md ({result['elapsed_s']:.0f} s of "
-        f"{a.budget_s:.0f} s)")
+    path = write_results(out, "gpu", "gpu-latest", result, markdown(result))
+    log(f"gpu-check: wrote {path} and .md ({result['elapsed_s']:.0f} s of {a.budget_s:.0f} s)")
     return result
 
 

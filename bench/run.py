@@ -9,7 +9,6 @@ detect the absence of CUDA and report "skipped: no CUDA device". Timings never e
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from bench import cases
-from bench.common import REPO, machine
+from bench.common import REPO, machine, write_results
 
 CASES = ("overhead", "switches", "syncs", "startup", "class_images", "scoring", "full_size", "memory_plan")
 
@@ -152,13 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s.log(f"[bench] {c}: {time.time() - t0:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    md = markdown(result)
-    for name in (f"bench-{stamp}", "latest"):
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / f"{name}.md").write_text(md)
-    print(md)
-    print(f"bench: wrote {out / f'bench-{stamp}.json'} and .md", file=sys.stderr)
+    path = write_results(out, "bench", "latest", result, markdown(result))
+    print(f"bench: wrote {path} and .md", file=sys.stderr)
     return result
 
 
