@@ -85,12 +85,9 @@ class Case:
 def synthetic_dreambench(root: Path, size: int = 512) -> Path:
     """A DreamBench-layout data set (prompts_and_classes.txt, one subject folder) of synthetic photos: what
     `dreambench.train` and `dreambench.evaluate` read, with nothing to download."""
+    from dreambench.world.world import index_text
     synthetic_images(root / SUBJECT, 4, size, seed=0)
-    block = ",\n".join(f"'{p}'.format(unique_token, class_token)" for p in PROMPTS)
-    lists = "".join(f"{title}\n\nprompt_list = [\n{block}\n]\n\n" for title in ("Object Prompts",
-                                                                             "Live Subject Prompts"))
-    (root / "prompts_and_classes.txt").write_text(
-        f"Classes\n\nsubject_name,class\n{SUBJECT},{CLASS_NOUN}\n\nPrompts\n\n{lists}")
+    (root / "prompts_and_classes.txt").write_text(index_text({SUBJECT: CLASS_NOUN}, PROMPTS))
     return root
 
 

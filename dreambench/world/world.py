@@ -134,10 +134,11 @@ def prompt_scene(thing: Thing, template: str, seed: int) -> Scene:
                  height=0.52, x=0.5, ground=0.9, tilt=float(rng.uniform(-5, 5)), seed=int(rng.integers(2**31)))
 
 
-def index_text(names: dict[str, Thing]) -> str:
-    """prompts_and_classes.txt in DreamBench's own format (dreambench.data.dreambench.parse_index reads it)."""
-    lines = ["Classes", "", "subject_name,class", *[f"{n},{t.cls}" for n, t in names.items()], "", "Prompts", ""]
-    block = ",\n".join(f"'{p}'.format(unique_token, class_token)" for p in PROMPTS)
+def index_text(classes: dict[str, str], prompts=PROMPTS) -> str:
+    """prompts_and_classes.txt in DreamBench's own format (dreambench.data.dreambench.parse_index reads it), for
+    subjects {name: class noun} and prompt templates ("a {0} {1} in the jungle")."""
+    lines = ["Classes", "", "subject_name,class", *[f"{n},{c}" for n, c in classes.items()], "", "Prompts", ""]
+    block = ",\n".join(f"'{p}'.format(unique_token, class_token)" for p in prompts)
     for title in ("Object Prompts", "Live Subject Prompts"):  # no toy class is live; both lists are the same
         lines += [title, "", "prompt_list = [", block, "]", ""]
     return "\n".join(lines)
@@ -164,7 +165,7 @@ def write_world(root: str | Path, seed: int = 0, progress: bool = True) -> Path:
             render(scene, PHOTO_SIZE).save(tmp / name / f"{k:02d}.png")
             # The object's silhouette beside each photo (dreambench.data.sidecars): what loss.mask=true trains on.
             silhouette(scene, PHOTO_SIZE).save(tmp / name / f"{k:02d}{MASK_SUFFIX}")
-    (tmp / "prompts_and_classes.txt").write_text(index_text(names))
+    (tmp / "prompts_and_classes.txt").write_text(index_text({n: t.cls for n, t in names.items()}))
     (tmp / "world.json").write_text(json.dumps({
         "version": WORLD_VERSION, "seed": seed, "photo_size": PHOTO_SIZE, "masks": True,
         "subjects": {n: asdict(t) for n, t in names.items()}}, indent=1))
