@@ -87,19 +87,20 @@ def _eval_results(ev: dict[str, Any]) -> list:
     return out
 
 
-def _usage(run: Path, files: list[str], meta: dict[str, Any], method: str, base: str) -> list[str]:
+def _usage(run: Path, files: list[str], meta: dict[str, Any], method: str, base: str,
+           pipeline: str = "StableDiffusionPipeline") -> list[str]:
     trigger = (meta.get("trigger_words") or ["sks"])[0]
     lines = ["## Use it", ""]
     if method == "dreambooth":
-        lines += ["**diffusers**:", "```python", "from diffusers import StableDiffusionPipeline",
-                  'pipe = StableDiffusionPipeline.from_pretrained("<this repo or folder>/model")', "```"]
+        lines += ["**diffusers**:", "```python", f"from diffusers import {pipeline}",
+                  f'pipe = {pipeline}.from_pretrained("<this repo or folder>/model")', "```"]
     elif method == "lora":
-        lines += ["**diffusers**:", "```python", "from diffusers import StableDiffusionPipeline",
-                  f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        lines += ["**diffusers**:", "```python", f"from diffusers import {pipeline}",
+                  f'pipe = {pipeline}.from_pretrained("{base}")',
                   'pipe.load_lora_weights("<this repo or folder>/model")', "```"]
     else:
-        lines += ["**diffusers**:", "```python", "from diffusers import StableDiffusionPipeline",
-                  f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+        lines += ["**diffusers**:", "```python", f"from diffusers import {pipeline}",
+                  f'pipe = {pipeline}.from_pretrained("{base}")',
                   f'pipe.load_textual_inversion("<this repo or folder>/model", token="{trigger}")', "```"]
     lines.append("")
     for f in files:
@@ -143,7 +144,8 @@ def card_text(run: Path) -> str:
         body += [f"![samples]({grid})", "",
                  "Fixed-seed samples: the instance prompt, two contexts and the bare class prompt"
                  + (", before and after training." if grid.endswith("before_after.png") else "."), ""]
-    body += _usage(run, files, meta, method, base)
+    from dreambench.models.families import get_family
+    body += _usage(run, files, meta, method, base, get_family(model.get("family")).pipeline_class)
     body += ["## Training", "", "| setting | value |", "|---|---|"]
     opt, prior, train = cfg.get("optimizer") or {}, cfg.get("prior") or {}, cfg.get("trainer") or {}
     settings = dict(metrics.get("method") or {})  # the method's summary(): name and its own settings

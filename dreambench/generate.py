@@ -60,9 +60,8 @@ def fill_prompts(prompts, facts: dict) -> list[str]:
 
 def generate_from_run(cfg: DictConfig) -> Path:
     import torch
-    from diffusers import StableDiffusionPipeline
-
     from dreambench.methods import load_run_pipeline
+    from dreambench.methods.runs import load_pipeline_folder
     from dreambench.sampling import generate, image_grid, make_scheduler
 
     run, bare_model = find_run(Path(cfg.run).expanduser())
@@ -79,8 +78,7 @@ def generate_from_run(cfg: DictConfig) -> Path:
     if bare_model is None:  # any method's run: the same loader as evaluate (LoRA / embeddings on their base)
         pipe = load_run_pipeline(run)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(bare_model, use_safetensors=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = load_pipeline_folder(bare_model)
     pipe.scheduler = make_scheduler(guidance["scheduler"], pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -82,59 +82,80 @@ def read_configs(model_ref: str, revision: str | None = None) -> dict[str, dict[
     """The three config.json files of a diffusers folder or hub repo (a few KB each; hub files come from the
     local hub cache when there is no network)."""
     out = {}
-    for sub in ("unet", "text_encoder", "vae"):
+    for sub in ("unet", "text_encoder", "vae", "text_encoder_2"):
         p = Path(model_ref).expanduser() / sub / "config.json"
         if not p.is_file():
             from huggingface_hub import hf_hub_download
-            p = Path(hf_hub_download(model_ref, f"{sub}/config.json", revision=revision))
+            try:
+                p = Path(hf_hub_download(model_ref, f"{sub}/config.json", revision=revision))
+            except Exception:  # noqa: BLE001 - only SDXL has a second text encoder
+                if sub == "text_encoder_2":
+                    continue
+                raise
         out[sub] = json.loads(p.read_text())
     return out
 
 
 def meta_modules(configs: dict[str, dict[str, Any]]):
+    """(unet, {text encoder name: encoder}, vae) on the meta device; SDXL's second encoder when its config is
+    there (a CLIPTextModelWithProjection, as in SDXL)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def clean(c):  # config.json files carry bookkeeping keys (_class_name, _diffusers_version) the constructors refuse
         return {k: v for k, v in c.items() if not k.startswith("_")}
+
+    def text_config(c):
+        return CLIPTextConfig(**{k: v for k, v in clean(c).items() if k not in (
+            "architectures", "torch_dtype", "dtype", "transformers_version", "model_type")})
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(clean(configs["unet"]))
         vae = AutoencoderKL.from_config(clean(configs["vae"]))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in clean(configs["text_encoder"]).items()
-                                                       if k not in ("architectures", "torch_dtype", "dtype",
-                                                                    "transformers_version", "model_type")}))
-    return unet, text_encoder, vae
+        text_encoders = {"text_encoder": CLIPTextModel(text_config(configs["text_encoder"]))}
+        if "text_encoder_2" in configs:
+            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(text_config(configs["text_encoder_2"]))
+    return unet, text_encoders, vae
 
 
 class _Stub(torch.nn.Module):
     """What a method's prepare/param_groups see of the LightningModule: the trainable components."""
 
-    def __init__(self, unet, text_encoder, vae, **context):
+    def __init__(self, unet, text_encoders: dict[str, torch.nn.Module], vae, **context):
         super().__init__()
-        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.unet, self.vae = unet, vae
+        for name, te in text_encoders.items():
+            setattr(self, name, te)
+        from dreambench.models.families import get_family
+        self.family = get_family("sdxl" if "text_encoder_2" in text_encoders else "sd")
         self.train_text_encoder = False
         for k, v in context.items():  # e.g. tokenizer, identifier, run_cfg (textual inversion adds a token)
             setattr(self, k, v)
 
+    def named_text_encoders(self, trainable: bool = False) -> list[tuple[str, torch.nn.Module]]:
+        names = self.family.trainable_text_encoders if trainable else self.family.text_encoders
+        return [(n, getattr(self, n)) for n in names]
 
-def trainable_parameters(method: Any, unet, text_encoder, vae, context: dict[str, Any] | None = None
-                         ) -> tuple[int, bool, list[str]]:
+
+def trainable_parameters(method: Any, unet, text_encoders: dict[str, torch.nn.Module], vae,
+                         context: dict[str, Any] | None = None) -> tuple[int, bool, list[str]]:
     """(trainable parameter count, text encoder in the graph with grad?, notes), from the method's own code."""
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for te in text_encoders.values():
+        te.requires_grad_(False)
     vae.requires_grad_(False)
-    stub = _Stub(unet, text_encoder, vae, **(context or {}))
+    stub = _Stub(unet, text_encoders, vae, **(context or {}))
+    te_params = [p for te in text_encoders.values() for p in te.parameters()]
     try:
         method.prepare(stub)
         groups = method.param_groups(stub, 1e-4)
         n = sum(p.numel() for g in groups for p in g["params"])
-        return n, any(p.requires_grad for p in text_encoder.parameters()), []
+        return n, any(p.requires_grad for p in te_params), []
     except Exception as e:  # noqa: BLE001 - a method that needs more than the components (e.g. a tokenizer)
         full_te = bool(getattr(method, "train_text_encoder", False))
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(full_te)
-        n = sum(p.numel() for p in unet.parameters()) + (sum(p.numel() for p in text_encoder.parameters())
-                                                          if full_te else 0)
+        for te in text_encoders.values():
+            te.requires_grad_(full_te)
+        n = sum(p.numel() for p in unet.parameters()) + (sum(p.numel() for p in te_params) if full_te else 0)
         note = (f"method {getattr(method, 'name', method)!r} could not be planned exactly "
                 f"({e.__class__.__name__}); assumed the whole UNet is trained (an upper bound)")
         return n, full_te, [note]
@@ -203,12 +224,17 @@ def unet_activation_bytes(unet, text_cfg: dict[str, Any], batch: int, latent_hw:
     cond = torch.empty(batch, ctx_len, c.cross_attention_dim, device="meta", dtype=dtype,
                        requires_grad=cond_requires_grad)
     t = torch.zeros(batch, dtype=torch.long, device="meta")
+    added = None
+    if c.get("addition_embed_type") == "text_time":  # SDXL: pooled text embeddings + 6 size / crop time ids
+        pooled = int(c.projection_class_embeddings_input_dim) - 6 * int(c.addition_time_embed_dim)
+        added = {"text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
+                 "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype)}
     sdpa = _fused_sdpa() if attention == "sdpa" else contextlib.nullcontext()
     if attention == "eager":
         from diffusers.models.attention_processor import AttnProcessor
         unet.set_attn_processor(AttnProcessor())
     with sdpa, torch.enable_grad():
-        return saved_activation_bytes(lambda: unet(x, t, cond), list(unet.parameters()))
+        return saved_activation_bytes(lambda: unet(x, t, cond, added_cond_kwargs=added), list(unet.parameters()))
 
 
 # ---- the estimate ----------------------------------------------------------------------------------------------
@@ -224,11 +250,11 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
     """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
     `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained);
     `ema`: an EMA copy of the trained weights on the device (train.ema with device=same)."""
-    unet, text_encoder, vae = meta_modules(configs)
+    unet, text_encoders, vae = meta_modules(configs)
     params = {"unet": sum(p.numel() for p in unet.parameters()),
-              "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+              **{n: sum(p.numel() for p in te.parameters()) for n, te in text_encoders.items()},
               "vae": sum(p.numel() for p in vae.parameters())}
-    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoder, vae, context)
+    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoders, vae, context)
     mixed = "mixed" in str(precision)
     half = torch.bfloat16 if "bf16" in str(precision) else torch.float16
     true_half = str(precision) in ("bf16-true", "16-true", "bf16", "16")
@@ -237,7 +263,7 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
     # Trained weights in the master dtype; the UNet's frozen part (an adapter method's base) too, since the
     # module keeps the UNet whole; the VAE and a frozen text encoder in `frozen` dtype.
     weights = 0
-    for name, comp in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
+    for name, comp in (("unet", unet), *text_encoders.items(), ("vae", vae)):
         for p in comp.parameters():
             dt = master if (p.requires_grad or name == "unet") else frozen
             weights += _nbytes(p.numel(), dt)

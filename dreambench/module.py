@@ -15,11 +15,12 @@ from omegaconf import DictConfig
 
 from dreambench import losses, speed
 from dreambench.data.latents import LatentBank, draw_indices
+from dreambench.models.families import cond_cat, cond_float, cond_take, cond_where, get_family
 from dreambench.models.loading import Components
 from dreambench.prior import PriorContext
 from dreambench.resilience import checkpoint as resilience
 from dreambench.resilience.numerics import keep_vae_fp32, vae_needs_fp32
-from dreambench.sampling import build_pipeline, generate, make_scheduler
+from dreambench.sampling import generate, make_scheduler
 
 log = logging.getLogger("dreambench")
 
@@ -34,6 +35,10 @@ class DreamBoothModule(L.LightningModule):
         # No save_hyperparameters: it would embed the modules in every checkpoint.
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer = components.tokenizer
+        # The model family (SD 1.x/2.x, SDXL): how prompts become conditioning, how the UNet is called, which
+        # pipeline samples and exports. SDXL's second text encoder and tokenizer; None for SD.
+        self.family = get_family(components.family)
+        self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2
         self.noise_scheduler = components.noise_scheduler
         self.components = components
         self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
@@ -66,12 +71,14 @@ class DreamBoothModule(L.LightningModule):
         if vae_needs_fp32(cfg.model.get("vae_fp32", "auto"), cfg.trainer.get("precision"),
                           getattr(self.vae.config, "force_upcast", None)):
             keep_vae_fp32(self.vae)  # e.g. SDXL's VAE overflows in fp16 (NaN, black images)
-        self.text_encoder.requires_grad_(False).eval()
+        for te in self.text_encoders:
+            te.requires_grad_(False).eval()
         method.prepare(self)  # what is trained: UNet / text encoder / adapters / a token embedding
         if cfg.model.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
+                for _, te in self.named_text_encoders(trainable=True):
+                    te.gradient_checkpointing_enable()
         if cfg.model.attention == "eager":  # default diffusers processors use SDPA (torch >= 2)
             from diffusers.models.attention_processor import AttnProcessor
             self.unet.set_attn_processor(AttnProcessor())
@@ -99,7 +106,7 @@ class DreamBoothModule(L.LightningModule):
             return
         trainer = self.trainer
         device = trainer.strategy.root_device
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in (self.unet, self.vae, *self.text_encoders):
             m.to(device)
         cfg = self.run_cfg
         speed.cast_frozen(self, cfg.model.get("frozen_dtype", "auto"), str(cfg.trainer.precision), device)
@@ -139,8 +146,8 @@ class DreamBoothModule(L.LightningModule):
         self.class_ids = self._tokenize(self.class_prompt).to(device)
         if not self.train_text_encoder:  # frozen text encoder: embeddings once, not every step
             with torch.no_grad():
-                self.instance_emb = self.text_encoder(self.instance_ids)[0].float()
-                self.class_emb = self.text_encoder(self.class_ids)[0].float()
+                self.instance_emb = cond_float(self.encode(self.instance_ids))
+                self.class_emb = cond_float(self.encode(self.class_ids))
         self._setup_captions(device)
         self._setup_val(res, val_class_paths)
         # Noise and timesteps come from one generator per rank whose state travels in the checkpoint.
@@ -203,8 +210,8 @@ class DreamBoothModule(L.LightningModule):
         self.empty_ids = self._tokenize("").to(device)
         if not self.train_text_encoder:
             with torch.no_grad():
-                self.caption_embs = self.text_encoder(self.caption_ids)[0].float()
-                self.empty_emb = self.text_encoder(self.empty_ids)[0].float()
+                self.caption_embs = cond_float(self.encode(self.caption_ids))
+                self.empty_emb = cond_float(self.encode(self.empty_ids))
         self._drop_table = torch.zeros(0, dtype=torch.bool, device=device)
 
     def _dropped(self, seed: int, base: int, b: int) -> torch.Tensor:
@@ -226,9 +233,30 @@ class DreamBoothModule(L.LightningModule):
             self._real_images = [load_image(p) for p in self.instance_paths]
         return self._real_images
 
+    # ---- the model family's parts ------------------------------------------------------------------------------
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self, n) for n in self.family.text_encoders]
+
+    def named_text_encoders(self, trainable: bool = False) -> list[tuple[str, torch.nn.Module]]:
+        """(attribute name, encoder): all of the family's, or those train_text_encoder / LoRA may train."""
+        names = self.family.trainable_text_encoders if trainable else self.family.text_encoders
+        return [(n, getattr(self, n)) for n in names]
+
+    def parts(self) -> dict[str, Any]:
+        """The pipeline components by their diffusers names."""
+        return {n: getattr(self, n) for n in ("unet", "vae", *self.family.text_encoders, *self.family.tokenizers)}
+
     def _tokenize(self, prompt: str) -> torch.Tensor:
-        return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        """[1, L] token ids ([1, n, L] for a family with n tokenizers)."""
+        return self.family.tokenize([getattr(self, n) for n in self.family.tokenizers], [prompt])
+
+    def encode(self, ids: torch.Tensor):
+        """Token ids -> the denoiser's text conditioning (a dict of tensors batched along dim 0)."""
+        return self.family.encode(self.text_encoders, ids)
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        return self.family.denoise(self.unet, noisy, t, cond)
 
     def _precision(self):
         try:
@@ -247,8 +275,7 @@ class DreamBoothModule(L.LightningModule):
 
     def sampling_pipeline(self, guidance: dict[str, Any] | None = None):
         g = dict(guidance or self.run_cfg.guidance)
-        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
-                              make_scheduler(g["scheduler"], self.components.scheduler_config))
+        return self.family.pipeline(self.parts(), make_scheduler(g["scheduler"], self.components.scheduler_config))
 
     # ---- training -----------------------------------------------------------------------------------------
     def _draw(self, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
@@ -267,23 +294,27 @@ class DreamBoothModule(L.LightningModule):
             sel = idx // n  # 0: the photo, 1: its mirror (hflip)
             inst = bank.sample(sel, self.noise_generator)
             mask = bank.mask[sel] if bank.mask is not None else None
+            geometry = [bank.geometry[sel]]
         else:
             idx = self._indices(len(self.instance_bank), seed, base, b)
             inst = self.instance_bank.sample(idx, self.noise_generator)
             mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
+            geometry = [self.instance_bank.geometry[idx]]
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
         if self.captioned:  # each photo's caption (bank index i and its mirror i + n are photo i % n), or ""
             drop = self._dropped(seed, base, b)
             photo = idx % len(self.caption_ids)
             if embs is not None:
-                embs = [torch.where(drop.view(-1, 1, 1), self.empty_emb, self.caption_embs[photo])]
+                embs = [cond_where(drop, self.empty_emb, cond_take(self.caption_embs, photo))]
             else:
-                ids = [torch.where(drop.view(-1, 1), self.empty_ids, self.caption_ids[photo])]
+                ids = [torch.where(drop.view(-1, *[1] * (self.caption_ids.ndim - 1)), self.empty_ids,
+                                   self.caption_ids[photo])]
         latents = inst
         if self.class_bank is not None:
-            cls = self.class_bank.sample(self._indices(len(self.class_bank), seed + 1, base, b),
-                                         self.noise_generator)
+            cls_idx = self._indices(len(self.class_bank), seed + 1, base, b)
+            cls = self.class_bank.sample(cls_idx, self.noise_generator)
+            geometry.append(self.class_bank.geometry[cls_idx])
             if self.bucket_banks is not None:  # shapes may differ: two forward passes (see _bucket_step)
                 latents = (inst, cls)
             else:
@@ -293,10 +324,10 @@ class DreamBoothModule(L.LightningModule):
             ids += [self.class_ids] * b
             if embs is not None:
                 embs += [self.class_emb] * b
-        if embs is not None:
-            cond = torch.cat(embs)
-        else:
-            cond = self.text_encoder(torch.cat(ids))[0]
+        # One conditioning for the whole [instance; class] batch, every part of it batched along dim 0.
+        cond = cond_cat(embs) if embs is not None else self.encode(torch.cat(ids))
+        if self.family.needs_image_geometry:  # e.g. SDXL's time_ids: each image's own size and crop
+            cond = self.family.add_image_conditioning(cond, torch.cat(geometry))
         return latents, cond, b, mask
 
     def _indices(self, n: int, seed: int, base: int, b: int) -> torch.Tensor:
@@ -329,7 +360,7 @@ class DreamBoothModule(L.LightningModule):
             model_noise = noise + lc["input_perturbation"] * torch.randn(latents.shape, generator=g,
                                                                         device=latents.device, dtype=latents.dtype)
         noisy = self.noise_scheduler.add_noise(latents, model_noise, t)
-        pred = self.unet(noisy, t, cond).sample
+        pred = self.denoise(noisy, t, cond)
         target = losses.diffusion_target(self.prediction_type, latents, noise, t, self.alphas_cumprod)
         weights = None
         if lc["min_snr_gamma"]:  # null or 0: off (0 would weigh every step 0; a sweep's choice() cannot say null)
@@ -358,9 +389,12 @@ class DreamBoothModule(L.LightningModule):
             return
         cfg = self.run_cfg
         with self._precision():
-            inst = LatentBank.from_paths(self.vae, paths, res, cfg.data.center_crop).mean
-            cls = (LatentBank.from_paths(self.vae, val_class_paths, res, cfg.data.center_crop).mean
-                   if val_class_paths else inst[:0])
+            inst_bank = LatentBank.from_paths(self.vae, paths, res, cfg.data.center_crop)
+            cls_bank = (LatentBank.from_paths(self.vae, val_class_paths, res, cfg.data.center_crop)
+                        if val_class_paths else None)
+        inst = inst_bank.mean
+        cls = cls_bank.mean if cls_bank is not None else inst[:0]
+        geometry = torch.cat([inst_bank.geometry, *([cls_bank.geometry] if cls_bank is not None else [])])
         n_t = int(self.val_cfg.get("timesteps", 5))
         T = int(self.noise_scheduler.config.num_train_timesteps)
         ts = torch.tensor([int((k + 0.5) * T / n_t) for k in range(n_t)])  # e.g. 100, 300, ..., 900 for 5 of 1000
@@ -377,6 +411,7 @@ class DreamBoothModule(L.LightningModule):
         ids = torch.cat([self._tokenize(p) for p in prompts + [self.class_prompt] * len(cls)])
         self.val_set = {"noisy": self.noise_scheduler.add_noise(x0, noise, t), "t": t, "is_class": is_class,
                         "ids": ids.repeat_interleave(n_t, dim=0).to(x0.device),
+                        "geometry": geometry.repeat_interleave(n_t, dim=0).to(x0.device),
                         "target": losses.diffusion_target(self.prediction_type, x0, noise, t, self.alphas_cumprod)}
         log.info("validation loss every %d steps on %d photo(s)%s and %d class image(s), %d timesteps each", every,
                  len(inst), "" if self.val_paths else " (the training photos: none held out)", len(cls), n_t)
@@ -387,7 +422,7 @@ class DreamBoothModule(L.LightningModule):
         fixed triples: val/loss, and its photo and class-image parts. The UNet runs in eval mode (no dropout draws);
         the global RNGs are forked as the drift monitor does."""
         v = self.val_set
-        nets = [m for m in (self.unet, self.text_encoder) if m.training]
+        nets = [m for m in (self.unet, *self.text_encoders) if m.training]
         for m in nets:
             m.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -396,8 +431,10 @@ class DreamBoothModule(L.LightningModule):
                 errs = []
                 for i in range(0, len(v["t"]), 8):
                     sl = slice(i, i + 8)
-                    cond = self.text_encoder(v["ids"][sl])[0]  # each image's prompt, by the current text encoder
-                    pred = self.unet(v["noisy"][sl], v["t"][sl], cond).sample
+                    cond = self.encode(v["ids"][sl])  # each image's prompt, by the current text encoder
+                    if self.family.needs_image_geometry:
+                        cond = self.family.add_image_conditioning(cond, v["geometry"][sl])
+                    pred = self.denoise(v["noisy"][sl], v["t"][sl], cond)
                     errs.append(((pred.float() - v["target"][sl].float()) ** 2).mean(dim=(1, 2, 3)))
         finally:
             for m in nets:
@@ -479,7 +516,7 @@ class DreamBoothModule(L.LightningModule):
         out = []
         for k, (x, noise, mn) in enumerate(zip(parts, noises, model_noises)):
             tk = t[k:k + 1]
-            pred = self.unet(self.noise_scheduler.add_noise(x, mn, tk), tk, cond[k:k + 1]).sample
+            pred = self.denoise(self.noise_scheduler.add_noise(x, mn, tk), tk, cond_take(cond, slice(k, k + 1)))
             target = losses.diffusion_target(self.prediction_type, x, noise, tk, self.alphas_cumprod)
             w = (losses.min_snr_weights(losses.snr(self.alphas_cumprod, tk), lc["min_snr_gamma"],
                                         self.prediction_type) if lc["min_snr_gamma"] else None)
@@ -599,8 +636,7 @@ class DreamBoothModule(L.LightningModule):
         """The in-memory components as a pipeline with the base model's own scheduler class."""
         import diffusers
         sched_cls = getattr(diffusers, self.components.scheduler_config.get("_class_name", "DDPMScheduler"))
-        return build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer,
-                              sched_cls.from_config(self.components.scheduler_config))
+        return self.family.pipeline(self.parts(), sched_cls.from_config(self.components.scheduler_config))
 
     def export(self, folder: Path) -> None:
         """The method's artefact: a diffusers pipeline folder (dreambooth), adapter weights (lora), an

@@ -65,7 +65,7 @@ def push(cfg: DictConfig) -> tuple[list[str], str | None]:
     fmt = cfg.format if isinstance(cfg.format, str) else list(OmegaConf.to_container(cfg.format))
     facts = run_facts(run)
     exported = {}
-    for f in choose_formats(fmt, facts["method"]):  # an export not made yet is made now (local work only)
+    for f in choose_formats(fmt, facts["method"], facts["family"]):  # an export not made yet is made now (local work only)
         exported[f.name] = f.existing(run) or f.export(run, facts)
     write_card(run)  # current scores and file list
     files = upload_list(run, exported)

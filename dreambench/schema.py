@@ -54,6 +54,7 @@ class DataSchema:
 @dataclass
 class ModelSchema:
     name: str = "sd15"
+    family: str = "sd"
     pretrained: str = "???"
     revision: str | None = None
     variant: str | None = None
@@ -142,6 +143,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.on_bad_image", lambda v: v in ("error", "skip"), "error or skip"),
     ("model.attention", lambda v: v in ("sdpa", "eager"), "sdpa or eager"),
+    ("model.family", lambda v: v in ("sd", "sdxl"), "sd or sdxl (dreambench.models.families)"),
     ("model.vae_fp32", lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
     ("trainer.max_steps", lambda v: v >= 0, ">= 0 (0: no training, the base model as it is)"),
     ("trainer.accumulate_grad_batches", lambda v: v >= 1, ">= 1"),

@@ -33,8 +33,10 @@ def cast_frozen(module: Any, setting: Any, precision: str, device: torch.device)
     if dtype is None or dtype == torch.float32:
         return
     keep: dict[str, dict[str, torch.Tensor]] = {}
-    for name in ("vae", "text_encoder"):
-        m = getattr(module, name)
+    for name in ("vae", "text_encoder", "text_encoder_2"):  # the second: SDXL's
+        m = getattr(module, name, None)
+        if m is None:
+            continue
         if any(p.requires_grad for p in m.parameters()) or getattr(m, "_dreambench_fp32", False):
             continue
         keep[name] = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}

@@ -63,8 +63,13 @@ def prepare(cfg: DictConfig) -> Plan:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    from hydra.utils import get_class
+
+    from dreambench.models.families import get_family
     from dreambench.schema import validate
     validate(cfg)  # unknown keys, types, ranges (resolution a multiple of 8, lr > 0, ...): one UserError line
+    # A method the model family does not have (e.g. textual inversion on SDXL, not yet): one line, before loading.
+    get_family(cfg.model.get("family")).check_method(get_class(cfg.method._target_).name)
 
 
 def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:
@@ -156,7 +161,7 @@ def check_exports(cfg: DictConfig) -> None:
 
     formats = list(cfg.train.get("export") or [])
     if formats:
-        choose_formats(formats, get_class(cfg.method._target_).name)
+        choose_formats(formats, get_class(cfg.method._target_).name, str(cfg.model.get("family") or "sd"))
     if formats and formats != ["diffusers"] and not cfg.train.export_model:
         raise UserError(f"train.export={formats} needs train.export_model=true (the exports are made from model/)")
 
@@ -212,7 +217,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     comps = load_components(plan.model_ref, cfg.model.revision, cfg.model.variant, bool(cfg.model.allow_pickle),
-                            cfg.model.prediction_type, cfg.model.get("single_file_config"))
+                            cfg.model.prediction_type, cfg.model.get("single_file_config"),
+                            family=str(cfg.model.get("family") or "sd"))
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
     method = instantiate(cfg.method)

@@ -88,7 +88,7 @@ def test_reference_loop_computes_dreambench_loss(images, tmp_path, monkeypatch):
     latents = torch.cat([inst, cls])
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (2,), generator=g)
-    cond = torch.cat([module.instance_emb, module.class_emb])
+    cond = torch.cat([module.instance_emb["encoder_hidden_states"], module.class_emb["encoder_hidden_states"]])
     ref = reference_loss(module.unet, module.noise_scheduler, latents, noise, t, cond, 0.7)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
     unweighted = reference_loss(module.unet, module.noise_scheduler, latents, noise, t, cond, 1.0)

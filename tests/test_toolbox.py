@@ -12,6 +12,9 @@ import torch
 from helpers import TINY, compose, equal, torch_threads
 
 
+HS = "encoder_hidden_states"  # SD's text conditioning in the module's conditioning dict (dreambench.models.families)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     with torch_threads(1):
@@ -99,7 +102,7 @@ def _step_by_hand(module, state, *, gamma=None, offset=0.0, perturb=0.0) -> torc
     noise_in = noise + perturb * torch.randn(x0.shape, generator=g) if perturb else noise
     a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise_in
-    pred = module.unet(noisy, t, torch.cat([module.instance_emb, module.class_emb])).sample
+    pred = module.unet(noisy, t, torch.cat([module.instance_emb[HS], module.class_emb[HS]])).sample
     v = module.prediction_type == "v_prediction"
     target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
     per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
@@ -312,7 +315,7 @@ def test_val_loss_is_the_hand_computed_mse_on_held_out_images(tmp_path, dataset_
     t = torch.tensor([250, 750, 250, 750])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    cond = torch.cat([module.instance_emb] * 2 + [module.class_emb] * 2)
+    cond = torch.cat([module.instance_emb[HS]] * 2 + [module.class_emb[HS]] * 2)
     with torch.no_grad():
         pred = module.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
     err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
@@ -407,7 +410,7 @@ def test_masked_loss_by_hand(tmp_path):
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (4,), generator=g)
         a = module.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-        pred = module.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, module.instance_emb.expand(4, -1, -1)).sample
+        pred = module.unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, module.instance_emb[HS].expand(4, -1, -1)).sample
         err = (pred - noise) ** 2
         m = torch.stack([hand_masks[names[i]] for i in idx])
         hand = (m * err).mean()  # per sample mean(mask · err) (kohya: no renormalisation), then over the batch
@@ -454,15 +457,15 @@ def test_captions_fill_placeholders_and_stay_cached(tmp_path, monkeypatch):
     assert module.photo_prompts == ["a photo of sks toy on grass", "sks toy", "a sks toy"]  # c: instance_prompt
     # the embeddings are computed once in setup: a training step never runs the frozen text encoder
     monkeypatch.setattr(module.text_encoder, "forward", lambda *a, **k: pytest.fail("text encoder ran in a step"))
-    _, cond, _, _ = module._draw(0)
+    cond = module._draw(0)[1][HS]
     monkeypatch.undo()
     idx = draw_indices(3, int(cfg.seed), range(3))
     with torch.no_grad():
         hand = torch.cat([module.text_encoder(module._tokenize(module.photo_prompts[i]))[0] for i in idx])
     torch.testing.assert_close(cond, hand)
-    assert not torch.allclose(cond, module.instance_emb.expand(3, -1, -1))  # not the one instance prompt
+    assert not torch.allclose(cond, module.instance_emb[HS].expand(3, -1, -1))  # not the one instance prompt
     off, _ = build(tmp_path / "off", *_data(folder))
-    assert not off.captioned and torch.equal(off._draw(0)[1], off.instance_emb.expand(3, -1, -1))
+    assert not off.captioned and torch.equal(off._draw(0)[1][HS], off.instance_emb[HS].expand(3, -1, -1))
 
 
 def test_caption_dropout_is_seeded_by_position_and_touches_no_generator(tmp_path):
@@ -470,13 +473,13 @@ def test_caption_dropout_is_seeded_by_position_and_touches_no_generator(tmp_path
     _captioned_photos(folder)
     module, cfg = build(tmp_path / "run", *_data(folder, "data.captions=true", "data.caption_dropout=0.5"))
     plain, _ = build(tmp_path / "plain", *_data(folder, "data.captions=true"))
-    _, cond, _, _ = module._draw(0)
-    _, plain_cond, _, _ = plain._draw(0)
+    cond = module._draw(0)[1][HS]
+    plain_cond = plain._draw(0)[1][HS]
     assert torch.equal(module.noise_generator.get_state(), plain.noise_generator.get_state())
     # the spec: position j is dropped when the j-th uniform of the stream seeded [seed, 0xCA97] is < p
     dropped = np.random.default_rng([int(cfg.seed), 0xCA97]).random(3) < 0.5
     for j in range(3):
-        expect = module.empty_emb[0] if dropped[j] else plain_cond[j]
+        expect = module.empty_emb[HS][0] if dropped[j] else plain_cond[j]
         assert torch.equal(cond[j], expect), j
     table = module._dropped(int(cfg.seed), 0, 4000)  # over many positions: the asked-for rate
     assert abs(table.float().mean().item() - 0.5) < 0.03
@@ -499,7 +502,7 @@ def test_captions_with_a_trained_text_encoder_are_encoded_each_step(tmp_path):
     module, cfg = build(tmp_path / "run", *_data(folder, "data.captions=true", "model.train_text_encoder=true",
                                                  "data.caption_dropout=0.5"))
     assert module.train_text_encoder and not hasattr(module, "caption_embs")
-    _, cond, _, _ = module._draw(0)
+    cond = module._draw(0)[1][HS]
     idx = draw_indices(3, int(cfg.seed), range(3))
     dropped = np.random.default_rng([int(cfg.seed), 0xCA97]).random(3) < 0.5
     prompts = ["" if d else module.photo_prompts[i] for i, d in zip(idx, dropped)]
@@ -569,7 +572,7 @@ def test_buckets_follow_each_photos_aspect_and_the_step_is_the_hand_computation(
         t = torch.randint(0, 1000, (2,), generator=g)
         a = module.noise_scheduler.alphas_cumprod[t]
         mse = []
-        for k, (x, n, c) in enumerate([(x_i, n_i, module.instance_emb), (x_c, n_c, module.class_emb)]):
+        for k, (x, n, c) in enumerate([(x_i, n_i, module.instance_emb[HS]), (x_c, n_c, module.class_emb[HS])]):
             pred = module.unet(a[k].sqrt() * x + (1 - a[k]).sqrt() * n, t[k:k + 1], c).sample
             mse.append(((pred - n) ** 2).mean())
     torch.testing.assert_close(loss, mse[0] + 0.7 * mse[1], rtol=1e-5, atol=1e-7)

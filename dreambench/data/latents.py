@@ -27,6 +27,19 @@ def resize_crop(image: Image.Image, resolution: int, center_crop: bool = True,
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def crop_geometry(size_wh: tuple[int, int], size_hw: tuple[int, int], center_crop: bool = True) -> list[int]:
+    """Where `resize_crop` / `fit_crop` take an image of `size_wh` = (W, H) to: [original height, original width,
+    crop top, crop left (in the resized image), target height, target width] — SDXL's six micro-conditioning
+    numbers, as diffusers' train_dreambooth_lora_sdxl.py records them per image (original_size, crop_top_left,
+    target_size)."""
+    w, h = size_wh
+    H, W = size_hw
+    s = max(H / h, W / w)
+    rw, rh = max(W, round(w * s)), max(H, round(h * s))
+    left, top = ((rw - W) // 2, (rh - H) // 2) if center_crop else (0, 0)
+    return [h, w, top, left, H, W]
+
+
 def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """Short side to `resolution` (bicubic, antialiased), centre crop; -> [3, H, W] float in [-1, 1]."""
     image = resize_crop(image, resolution, center_crop)
@@ -72,10 +85,16 @@ def encode_latent_dist(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[
 
 class LatentBank:
     """Latent distributions of a set of images; `sample(idx, g)` draws one latent per index. `mask` (optional,
-    loss.mask): each image's loss weight per latent pixel, [N, 1, h, w]."""
+    loss.mask): each image's loss weight per latent pixel, [N, 1, h, w]. `geometry` [N, 6] (float): each image's
+    original size, crop corner and target size (`crop_geometry`), for families that condition on them (SDXL)."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None,
+                 geometry: torch.Tensor | None = None):
         self.mean, self.std, self.mask = mean, std, mask
+        if geometry is None:  # unknown: the latent grid x 8 as both original and target size, no crop
+            h, w = (int(x) * 8 for x in mean.shape[-2:])
+            geometry = torch.tensor([[h, w, 0, 0, h, w]] * len(mean), dtype=torch.float32)
+        self.geometry = geometry.to(mean.device)
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -87,26 +106,42 @@ class LatentBank:
         """`masks`: [N, 1, H, W] pixel masks of the images (dreambench.data.sidecars.photo_masks), brought to the
         latent grid here and mirrored with the images. `size_hw`: a rectangle (H, W) instead of the square
         `resolution` (an aspect-ratio bucket)."""
+        images = [load_image(p) for p in paths]
         if size_hw is None:
-            pixels = torch.stack([preprocess(load_image(p), resolution, center_crop) for p in paths])
+            pixels = torch.stack([preprocess(im, resolution, center_crop) for im in images])
         else:
-            pixels = torch.stack([to_tensor(fit_crop(load_image(p), size_hw, center_crop)) for p in paths])
+            pixels = torch.stack([to_tensor(fit_crop(im, size_hw, center_crop)) for im in images])
+        geometry = torch.tensor([crop_geometry(im.size, size_hw or (resolution, resolution), center_crop)
+                                 for im in images], dtype=torch.float32)
         if hflip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
+            # The mirror of a crop at `left` is the crop at `left` of the mirrored resized image, counted from
+            # the other side: resized width - target width - left (resized width = target w + 2 left centred).
+            mirrored = geometry.clone()
+            resized_w = torch.tensor([_resized_width(im.size, size_hw or (resolution, resolution)) for im in images],
+                                     dtype=torch.float32)
+            mirrored[:, 3] = resized_w - geometry[:, 5] - geometry[:, 3]
+            geometry = torch.cat([geometry, mirrored])
         mean, std = encode_latent_dist(vae, pixels, batch_size)
         if masks is not None:
             from dreambench.data.sidecars import latent_mask
             masks = latent_mask(masks, tuple(mean.shape[-2:])).to(mean.device)
-        return cls(mean, std, masks)
+        return cls(mean, std, masks, geometry)
 
     def to(self, device) -> "LatentBank":
         return LatentBank(self.mean.to(device), self.std.to(device),
-                          self.mask.to(device) if self.mask is not None else None)
+                          self.mask.to(device) if self.mask is not None else None, self.geometry.to(device))
 
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx], self.std[idx]
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def _resized_width(size_wh: tuple[int, int], size_hw: tuple[int, int]) -> int:
+    w, h = size_wh
+    H, W = size_hw
+    return max(W, round(w * max(H / h, W / w)))
 
 
 def draw_indices(n: int, seed: int, positions: Sequence[int]) -> list[int]:

@@ -24,12 +24,22 @@ def family_of(pipe: Any) -> ModuleType:
                     f"{', '.join(p for f in FAMILIES for p in f.PIPELINES)})")
 
 
-def choose_formats(requested: str | list[str] | tuple[str, ...], method: str) -> list[Format]:
-    """The formats asked for, checked against the run's method before anything loads. `all`: every format that
-    applies to the method."""
+# The model families (dreambench.models.families) whose original checkpoint layouts the formats beyond `diffusers`
+# know; an SDXL run exports `model/` (diffusers) only, for now.
+LAYOUT_FAMILIES = ("sd",)
+
+
+def choose_formats(requested: str | list[str] | tuple[str, ...], method: str, family: str = "sd") -> list[Format]:
+    """The formats asked for, checked against the run's method and model family before anything loads. `all`:
+    every format that applies to the method (and the family)."""
     names = [requested] if isinstance(requested, str) else list(requested)
     if names == ["all"]:
-        return [f for f in FORMATS.values() if f.applies(method)]
+        return [f for f in FORMATS.values() if f.applies(method) and (family in LAYOUT_FAMILIES or f.name == "diffusers")]
+    other = [n for n in names if n != "diffusers" and n in FORMATS]
+    if family not in LAYOUT_FAMILIES and other:
+        raise UserError(f"format={','.join(other)}: no {family} layout yet; a model.family={family} run exports "
+                        f"the diffusers format (model/), which diffusers' own pipeline and ComfyUI's diffusers "
+                        f"loader read")
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
         raise UserError(f"unknown export format(s) {', '.join(map(repr, unknown))} "
@@ -51,7 +61,7 @@ def export_run(run: str | Path, requested: str | list[str] = "all") -> dict[str,
     run = Path(run).expanduser()
     check_run(run)
     facts = run_facts(run)
-    return {f.name: f.export(run, facts) for f in choose_formats(requested, facts["method"])}
+    return {f.name: f.export(run, facts) for f in choose_formats(requested, facts["method"], facts["family"])}
 
 
 __all__ = ["EXPORT_DIR", "FAMILIES", "FORMATS", "choose_formats", "export_run", "family_of", "run_facts"]

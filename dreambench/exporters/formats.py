@@ -32,6 +32,8 @@ def run_facts(run: Path) -> dict[str, Any]:
         "identifier": metrics.get("identifier") or info.get("token"),
         "steps": metrics.get("steps"),
         "base": info.get("base_model") or (dict(cfg.model) if cfg is not None else {}),
+        "family": str((info.get("base_model") or {}).get("family")
+                      or (cfg.model.get("family") if cfg is not None else None) or "sd"),
     }
 
 

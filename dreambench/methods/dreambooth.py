@@ -18,18 +18,22 @@ class DreamBooth(Method):
 
     def prepare(self, module: Any) -> None:
         module.unet.requires_grad_(True).train()
-        module.text_encoder.requires_grad_(self.train_text_encoder)
-        module.text_encoder.train(self.train_text_encoder)
+        for _, te in module.named_text_encoders(trainable=True):  # SDXL: both CLIP encoders, as its peers
+            te.requires_grad_(self.train_text_encoder)
+            te.train(self.train_text_encoder)
 
     def param_groups(self, module: Any, lr: float) -> list[dict[str, Any]]:
         groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad], "lr": lr}]
         if self.train_text_encoder:
-            groups.append({"params": [p for p in module.text_encoder.parameters() if p.requires_grad],
+            groups.append({"params": [p for _, te in module.named_text_encoders(trainable=True)
+                                      for p in te.parameters() if p.requires_grad],
                            "lr": float(self.text_encoder_lr if self.text_encoder_lr is not None else lr)})
         return groups
 
     def trained_prefixes(self, module: Any) -> tuple[str, ...]:
-        return ("unet.", "text_encoder.") if self.train_text_encoder else ("unet.",)
+        if not self.train_text_encoder:
+            return ("unet.",)
+        return ("unet.", *(f"{n}." for n, _ in module.named_text_encoders(trainable=True)))
 
     def export(self, module: Any, folder: Path) -> None:
         module.base_pipeline().save_pretrained(folder, safe_serialization=True)

@@ -59,12 +59,11 @@ class LoRA(Method):
         module.unet.requires_grad_(False)
         module.unet.add_adapter(self._config(self.rank, self.target_modules))  # makes only lora_A/B trainable
         module.unet.train()
-        if self.train_text_encoder:
-            module.text_encoder.requires_grad_(False)
-            module.text_encoder.add_adapter(
-                self._config(self.text_encoder_rank, self.text_encoder_target_modules)
-            )
-            module.text_encoder.train()
+        if self.train_text_encoder:  # SDXL: both CLIP encoders, as train_dreambooth_lora_sdxl.py
+            for _, te in module.named_text_encoders(trainable=True):
+                te.requires_grad_(False)
+                te.add_adapter(self._config(self.text_encoder_rank, self.text_encoder_target_modules))
+                te.train()
         n = sum(p.numel() for p in module.parameters() if p.requires_grad)
         if n == 0:
             raise ValueError(
@@ -77,7 +76,8 @@ class LoRA(Method):
         if self.train_text_encoder:
             groups.append(
                 {
-                    "params": [p for p in module.text_encoder.parameters() if p.requires_grad],
+                    "params": [p for _, te in module.named_text_encoders(trainable=True)
+                               for p in te.parameters() if p.requires_grad],
                     "lr": float(self.text_encoder_lr if self.text_encoder_lr is not None else unet_lr),
                 }
             )
@@ -88,26 +88,18 @@ class LoRA(Method):
         return tuple(n for n, p in module.named_parameters() if p.requires_grad)
 
     def export(self, module: Any, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         def layers(model):
             return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
-        te = module.text_encoder if self.train_text_encoder else None
-        # The adapter metadata (rank, alpha, targets) travels in the file, so a loader applies alpha / r exactly.
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=layers(module.unet),
-            text_encoder_lora_layers=layers(te) if te is not None else None,
-            unet_lora_adapter_metadata=module.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict()
-            if te is not None
-            else None,
-            safe_serialization=True,
-            weight_name=LORA_FILE,
-        )
+        tes = dict(module.named_text_encoders(trainable=True)) if self.train_text_encoder else {}
+        # The adapter metadata (rank, alpha, targets) travels in the file, so a loader applies alpha / r exactly;
+        # the family's pipeline class writes the key prefixes its load_lora_weights expects (SDXL: text_encoder_2).
+        module.family.save_lora(folder, layers(module.unet), module.unet.peft_config["default"].to_dict(),
+                                {n: layers(te) for n, te in tes.items()},
+                                {n: te.peft_config["default"].to_dict() for n, te in tes.items()}, LORA_FILE)
         write_method_json(folder, module.run_cfg, {"method": self.name, "artefact": LORA_FILE})
 
     def summary(self) -> dict[str, Any]:

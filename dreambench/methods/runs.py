@@ -19,8 +19,8 @@ def write_method_json(folder: Path, run_cfg: DictConfig, info: dict[str, Any]) -
     m = run_cfg.model
     base = {
         k: OmegaConf.select(m, k)
-        for k in ("pretrained", "revision", "variant", "prediction_type", "build_tiny", "single_file_config",
-                  "zero_terminal_snr")
+        for k in ("pretrained", "family", "revision", "variant", "prediction_type", "build_tiny",
+                  "single_file_config", "zero_terminal_snr")
     }
     atomic_write_json(Path(folder) / METHOD_FILE, {**info, "base_model": base})
 
@@ -31,8 +31,7 @@ def read_method_json(model_dir: Path) -> dict[str, Any] | None:
 
 
 def load_base_pipeline(base: dict[str, Any]):
-    from diffusers import StableDiffusionPipeline
-
+    from dreambench.models.families import get_family
     from dreambench.models.loading import (default_cache_dir, is_single_file, load_single_file_pipeline,
                                            resolve_model_ref, tiny_build_allowed)
     from dreambench.models.tiny import is_built
@@ -40,21 +39,15 @@ def load_base_pipeline(base: dict[str, Any]):
     # model=tiny is rebuilt (seeded, identical) where its cache folder is gone; a run trained under another
     # cache (another machine, DREAMBENCH_CACHE) gets it rebuilt in today's cache, never at the recorded path.
     base = dict(base)
-    if base.get("build_tiny") and not is_built(Path(str(base["pretrained"])).expanduser()) \
+    family = get_family(base.get("family"))  # absent in runs made before model families: SD
+    if base.get("build_tiny") and not is_built(Path(str(base["pretrained"])).expanduser(), family.name) \
             and not tiny_build_allowed(base["pretrained"], None):
         base["pretrained"] = str(default_cache_dir() / Path(str(base["pretrained"])).name)
     ref = resolve_model_ref(OmegaConf.create(base))
     if is_single_file(ref):  # trained on a single-file base model (model.pretrained=<file>.safetensors)
-        pipe = load_single_file_pipeline(ref, base.get("single_file_config"))
+        pipe = load_single_file_pipeline(ref, base.get("single_file_config"), family=family.name)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            ref,
-            revision=base.get("revision"),
-            variant=base.get("variant"),
-            use_safetensors=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        pipe = family.load_pipeline(ref, revision=base.get("revision"), variant=base.get("variant"))
     if base.get("prediction_type"):  # as in training (e.g. sd21 768 px is v-prediction)
         pipe.scheduler = pipe.scheduler.__class__.from_config(
             pipe.scheduler.config, prediction_type=base["prediction_type"]
@@ -65,10 +58,17 @@ def load_base_pipeline(base: dict[str, Any]):
     return pipe
 
 
-def load_run_pipeline(run_dir: str | Path):
-    """The tuned model of any method's run as a `StableDiffusionPipeline` (on CPU, fp32; progress bar off)."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline_folder(folder: str | Path):
+    """A whole diffusers pipeline folder (a dreambooth run's model/) with its family's pipeline class, read from
+    its model_index.json."""
+    from dreambench.models.families import folder_family, get_family
 
+    return get_family(folder_family(folder) or "sd").load_pipeline(str(folder))
+
+
+def load_run_pipeline(run_dir: str | Path):
+    """The tuned model of any method's run as its family's pipeline (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`; on CPU, fp32; progress bar off)."""
     from dreambench.methods import METHODS
 
     model_dir = Path(run_dir) / "model"
@@ -78,9 +78,7 @@ def load_run_pipeline(run_dir: str | Path):
             raise FileNotFoundError(
                 f"{run_dir}: no exported model ({model_dir} has neither model_index.json nor {METHOD_FILE})"
             )
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(model_dir), use_safetensors=True, safety_checker=None, requires_safety_checker=False
-        )
+        pipe = load_pipeline_folder(model_dir)
     else:
         cls = METHODS.get(info.get("method"))
         if cls is None:

@@ -29,6 +29,15 @@ class Components:
     noise_scheduler: DDPMScheduler  # the training-time forward process
     scheduler_config: dict[str, Any]  # the base model's own scheduler config, for sampling schedulers
     identity: dict[str, Any]  # what identifies the base model (class-image cache key)
+    family: str = "sd"  # dreambench.models.families: what differs between model generations
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection) and its tokenizer
+    tokenizer_2: Any = None
+
+    def parts(self) -> dict[str, Any]:
+        """The pipeline components by their diffusers names (those the family has)."""
+        return {k: v for k, v in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder),
+                                  ("tokenizer", self.tokenizer), ("text_encoder_2", self.text_encoder_2),
+                                  ("tokenizer_2", self.tokenizer_2)) if v is not None}
 
 
 def _looks_local(ref: str) -> bool:
@@ -48,11 +57,17 @@ def config_source(ref: str, single_file_config: str | None) -> str:
     return (single_file_config or ref) if is_single_file(ref) else ref
 
 
-def load_single_file_pipeline(ref: str, single_file_config: str | None = None, allow_pickle: bool = False):
-    """A single-file checkpoint through diffusers' `from_single_file`. With `single_file_config` (a local
-    diffusers folder) nothing is fetched: without it diffusers infers the model type from the keys and fetches
-    that type's configs from the Hub (or its local cache), which fails offline."""
-    from diffusers import StableDiffusionPipeline
+def load_single_file_pipeline(ref: str, single_file_config: str | None = None, allow_pickle: bool = False,
+                              family: str = "sd"):
+    """A single-file checkpoint through diffusers' `from_single_file` of the family's pipeline class. With
+    `single_file_config` (a local diffusers folder) nothing is fetched: without it diffusers infers the model type
+    from the keys and fetches that type's configs from the Hub (or its local cache), which fails offline."""
+    import diffusers
+
+    from dreambench.models.families import get_family
+    fam = get_family(family)
+    pipeline_cls = getattr(diffusers, fam.pipeline_class)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if fam.name == "sd" else {}
 
     if ref.endswith(".ckpt") and not allow_pickle:
         raise ModelNotFoundError(f"model.pretrained={ref}: a .ckpt is a pickle file that can run code; use a "
@@ -60,8 +75,7 @@ def load_single_file_pipeline(ref: str, single_file_config: str | None = None, a
     kw = {"config": str(Path(single_file_config).expanduser()) if _looks_local(single_file_config)
           else single_file_config} if single_file_config else {}
     try:
-        return StableDiffusionPipeline.from_single_file(str(Path(ref).expanduser()), safety_checker=None,
-                                                        requires_safety_checker=False, **kw)
+        return pipeline_cls.from_single_file(str(Path(ref).expanduser()), **extra, **kw)
     except (OSError, ValueError, EnvironmentError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise ModelNotFoundError(f"could not load single-file model {ref}: {msg} (model.single_file_config=<a "
@@ -157,25 +171,37 @@ def model_identity(ref: str, revision: str | None, variant: str | None) -> dict[
     return ident
 
 
+def check_family(ref: str, family: str) -> None:
+    """A local diffusers folder says which pipeline it is: refuse a mismatch with model.family before loading."""
+    from dreambench.models.families import FAMILIES, folder_family
+    if is_single_file(ref) or not _looks_local(ref):
+        return
+    found = folder_family(ref)
+    if found is not None and found != family:
+        raise ModelNotFoundError(
+            f"model.pretrained={ref} is a {FAMILIES[found].pipeline_class} (model.family={found}), but "
+            f"model.family={family}: use a model config of that family (e.g. model={'sdxl' if found == 'sdxl' else 'sd15'})"
+            f" or set model.family={found}")
+
+
 def load_components(ref: str, revision: str | None = None, variant: str | None = None,
                     allow_pickle: bool = False, prediction_type: str | None = None,
-                    single_file_config: str | None = None) -> Components:
+                    single_file_config: str | None = None, family: str = "sd") -> Components:
+    from dreambench.models.families import get_family
+    fam = get_family(family)
     check_model_ref(ref, revision, single_file_config)
+    check_family(ref, fam.name)
     if allow_pickle:
         log.warning("model.allow_pickle=true: pickle weight files may be loaded; they can run arbitrary code. "
                     "Use only files you trust.")
     st: bool | None = None if allow_pickle else True  # True: diffusers/transformers refuse non-safetensors
-    kw = dict(revision=revision, use_safetensors=st)
     if is_single_file(ref):
-        pipe = load_single_file_pipeline(ref, single_file_config, allow_pickle)
-        tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        pipe = load_single_file_pipeline(ref, single_file_config, allow_pickle, fam.name)
+        parts = dict(pipe.components)
         sched_cfg = dict(pipe.scheduler.config)
     else:
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", revision=revision)
-            text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", variant=variant, **kw)
-            vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", variant=variant, **kw)
-            unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", variant=variant, **kw)
+            parts = fam.load_parts(ref, revision, variant, st)
             sched_cfg = dict(DDPMScheduler.load_config(ref, subfolder="scheduler", revision=revision))
         except (OSError, ValueError, EnvironmentError) as e:
             msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
@@ -185,8 +211,9 @@ def load_components(ref: str, revision: str | None = None, variant: str | None =
     if prediction_type:  # e.g. sd21 at 768 px is a v-prediction model
         sched_cfg["prediction_type"] = prediction_type
     noise_scheduler = DDPMScheduler.from_config(sched_cfg)
-    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, sched_cfg,
-                      model_identity(ref, revision, variant))
+    return Components(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], noise_scheduler, sched_cfg,
+                      model_identity(ref, revision, variant), family=fam.name,
+                      text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"))
 
 
 ZERO_SNR_SAMPLER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
@@ -228,12 +255,13 @@ def resolve_model_ref(model_cfg: Any, cache_dir: str | Path | None = None) -> st
     ref = str(model_cfg.pretrained)
     if model_cfg.get("build_tiny"):
         from dreambench.models.tiny import ensure_tiny_model, is_built
-        if not is_built(Path(ref).expanduser()) and not tiny_build_allowed(ref, cache_dir):
+        family = str(model_cfg.get("family") or "sd")
+        if not is_built(Path(ref).expanduser(), family) and not tiny_build_allowed(ref, cache_dir):
             raise ModelNotFoundError(
                 f"model.pretrained={ref}: no tiny model there, and the tiny model is built only inside "
                 f"paths.cache_dir ({Path(cache_dir or default_cache_dir()).expanduser()}): leave model.pretrained "
                 f"at its default, or set paths.cache_dir to the folder it should be built in")
-        ensure_tiny_model(ref)
+        ensure_tiny_model(ref, family=family)
     return ref
 
 

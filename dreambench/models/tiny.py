@@ -1,7 +1,8 @@
-"""`model=tiny`: a seeded, randomly initialised Stable Diffusion small enough for CPU tests and smoke runs.
+"""`model=tiny` / `model=tiny_sdxl`: seeded, randomly initialised models of each family (dreambench.models.families)
+small enough for CPU tests and smoke runs.
 
-It is saved once in the diffusers folder format (safetensors) and then loaded through the same
-`from_pretrained` code as `model=sd15`, so tests exercise the real loading path.
+Each is saved once in the diffusers folder format (safetensors) and then loaded through the same
+`from_pretrained` code as `model=sd15` / `model=sdxl`, so tests exercise the real loading path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from dreambench.models.tokenizer import build_tiny_tokenizer
 
 TINY_VERSION = 7  # bump when the architecture or construction changes: the folder name carries it
+TINY_SDXL_VERSION = 1  # the same for model=tiny_sdxl (conf/model/tiny_sdxl.yaml)
+VERSIONS = {"sd": TINY_VERSION, "sdxl": TINY_SDXL_VERSION}
+SDXL_SCALING_FACTOR = 0.13025
 SD_SCALING_FACTOR = 0.18215
 RESOLUTION = 32  # px; the VAE downsamples 2x, so latents are 4 x 16 x 16
 
@@ -112,18 +116,68 @@ def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionP
                                    requires_safety_checker=False)
 
 
-def is_built(folder: Path) -> bool:
+def tiny_sd_folder_beside(folder: Path) -> Path:
+    """model=tiny's folder in the same cache (conf/model/tiny.yaml names it so)."""
+    return folder.parent / f"tiny-sd-v{TINY_VERSION}"
+
+
+@torch.no_grad()
+def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
+    """SDXL's parts at model=tiny's size: two CLIP text encoders (the second with a projection: its pooled
+    `text_embeds`), a UNet with SDXL's `text_time` additional embedding (6 time ids x 8 + 32 pooled = 80 inputs),
+    cross-attention over both encoders' hidden states (32 + 32), linear projections in the transformer blocks,
+    two transformer layers in the inner block (SDXL: 1, 2, 10), and SDXL's Euler scheduler. The VAE is
+    model=tiny's fitted one (`vae_from`), reparametrised exactly to SDXL's latent scale 0.13025 and marked
+    `force_upcast` as SDXL's is: its scaled latents have unit std as SDXL's do."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    te_kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_kw))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16,
+    )
+    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", use_safetensors=True)
+    k = SD_SCALING_FACTOR / SDXL_SCALING_FACTOR  # latents x k before scaling: the same scaled latents' std
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       prediction_type="epsilon", interpolation_type="linear")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def is_built(folder: Path, family: str = "sd") -> bool:
     marker = folder / "tiny.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    return info.get("family", "sd") == family and info.get("version") == VERSIONS[family]
 
 
-def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+def ensure_tiny_model(folder: str | Path, seed: int = 0, family: str = "sd") -> Path:
     """Build the tiny model into `folder` unless a complete one is there; returns the folder. Safe when
     several processes (test workers, DDP ranks) build at once: the first rename wins, the rest discard."""
     from dreambench.utils.io import safe_rmtree
 
     folder = Path(folder).expanduser()
-    if is_built(folder):
+    if family not in VERSIONS:
+        raise ValueError(f"no tiny model of family {family!r} (have: {', '.join(VERSIONS)})")
+    if is_built(folder, family):
         return folder
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     # One intra-op thread: the autoencoder fit sums in a thread-count-dependent order, and 800 Adam steps
@@ -131,18 +185,22 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pipe = build_tiny_pipeline(seed)
+        if family == "sdxl":  # model=tiny's fitted VAE, from its folder beside this one (built there if missing)
+            pipe = build_tiny_sdxl_pipeline(seed, ensure_tiny_model(tiny_sd_folder_beside(folder), seed))
+        else:
+            pipe = build_tiny_pipeline(seed)
     finally:
         torch.set_num_threads(threads)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
+    marker = {"version": VERSIONS[family], "seed": seed, **({"family": family} if family != "sd" else {})}
+    (tmp / "tiny.json").write_text(json.dumps(marker))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists() and not is_built(folder):  # a partial build of this very version: ours to replace
+    if folder.exists() and not is_built(folder, family):  # a partial build of this very version: ours to replace
         safe_rmtree(folder, folder.parent)
     try:
         os.replace(tmp, folder)  # fails on a non-empty folder: another process finished first
     except OSError:
-        if not is_built(folder):
+        if not is_built(folder, family):
             raise
         safe_rmtree(tmp, folder.parent)
     return folder

@@ -1,0 +1,122 @@
+"""The model-family seam: what differs between Stable Diffusion generations lives in one `Family` subclass each
+(`sd.py`: SD 1.x/2.x, `sdxl.py`: SDXL). The LightningModule, the methods, sampling, export, generate and evaluate
+talk to a family instead of assuming one UNet + one CLIP text encoder + `StableDiffusionPipeline`:
+
+- which components a model has and how they load (`parts`, `load_parts`);
+- how prompts become the denoiser's conditioning (`tokenize`, `encode`): a `Cond`, a dict of tensors that are
+  all batched along dim 0, so that an [instance; class] batch is one `cond_cat` and one forward pass, and
+  nothing of one half can leak into the other along another axis;
+- what each image adds to the conditioning (`add_image_conditioning`: SDXL's size / crop `time_ids`);
+- how the denoiser is called (`denoise`);
+- the diffusers pipeline it samples and exports with (`pipeline_class`, `pipeline`);
+- how LoRA adapters are saved so that the family's own pipeline loads them (`save_lora`);
+- which methods apply (`methods`).
+
+The training objective (DDPM noising and its epsilon / v target) is shared by the families here; flow-matching
+families (SD 3.5, Flux) will add theirs behind the same seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+Cond = dict[str, torch.Tensor]  # the denoiser's conditioning, every tensor batched along dim 0
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate along the batch axis, key by key (an [instance; class] batch)."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_take(cond: Cond, index: Any) -> Cond:
+    """Rows `index` (a slice or index tensor) of every tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_where(pick_a: torch.Tensor, a: Cond, b: Cond) -> Cond:
+    """Row i from `a` where pick_a[i], else from `b` (caption dropout's empty prompt)."""
+    return {k: torch.where(pick_a.view(-1, *[1] * (a[k].ndim - 1)), a[k], b[k]) for k in a}
+
+
+def cond_float(cond: Cond) -> Cond:
+    return {k: v.float() for k, v in cond.items()}
+
+
+def cond_to(cond: Cond, dtype: torch.dtype) -> Cond:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
+
+
+class Family:
+    """One generation of models. Stateless: every method takes what it works on."""
+
+    name = "family"
+    pipeline_class = "DiffusionPipeline"  # the diffusers class that samples, exports and reloads the model
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # attribute / subfolder names, in the pipeline's order
+    tokenizers: tuple[str, ...] = ("tokenizer",)
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # what train_text_encoder / LoRA may train
+    methods: tuple[str, ...] = ("dreambooth", "lora", "textual_inversion")
+    needs_image_geometry = False  # add_image_conditioning reads each image's size and crop
+    pipeline_init_kwargs: ClassVar[dict[str, Any]] = {}  # extra keywords of the pipeline class (SD's safety checker)
+
+    # ---- loading -----------------------------------------------------------------------------------------------
+    def load_parts(self, ref: str, revision: str | None, variant: str | None, use_safetensors: bool | None
+                   ) -> dict[str, Any]:
+        """{"unet", "vae", text encoders..., tokenizers...} of a local diffusers folder or hub id."""
+        raise NotImplementedError
+
+    def load_pipeline(self, ref: str, **kw: Any):
+        import diffusers
+        cls = getattr(diffusers, self.pipeline_class)
+        return cls.from_pretrained(ref, use_safetensors=True, **self.pipeline_init_kwargs, **kw)
+
+    # ---- prompts -----------------------------------------------------------------------------------------------
+    def tokenize(self, tokenizers: Sequence[Any], prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids: [B, L] with one tokenizer, [B, n, L] with n (each padded to its own max length)."""
+        raise NotImplementedError
+
+    def encode(self, text_encoders: Sequence[torch.nn.Module], ids: torch.Tensor) -> Cond:
+        raise NotImplementedError
+
+    def add_image_conditioning(self, cond: Cond, geometry: torch.Tensor | None) -> Cond:
+        """geometry: [B, 6] (original height, width, crop top, left, target height, width) of each image."""
+        return cond
+
+    # ---- the denoiser --------------------------------------------------------------------------------------------
+    def denoise(self, unet: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- sampling and export -------------------------------------------------------------------------------------
+    def pipeline(self, parts: dict[str, Any], scheduler: Any):
+        import diffusers
+        cls = getattr(diffusers, self.pipeline_class)
+        pipe = cls(**{k: parts[k] for k in ("unet", "vae", *self.text_encoders, *self.tokenizers)},
+                   scheduler=scheduler, **self.pipeline_init_kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_lora(self, folder: Path, unet_layers: dict, unet_meta: dict, text_layers: dict[str, dict],
+                  text_meta: dict[str, dict], weight_name: str) -> None:
+        """Adapters in the diffusers LoRA format the family's pipeline `load_lora_weights` reads; `text_layers`
+        maps a text encoder's name to its adapter state dict (only the trained ones)."""
+        import diffusers
+        cls = getattr(diffusers, self.pipeline_class)
+        kw: dict[str, Any] = {}
+        for name, layers in text_layers.items():
+            kw[f"{name}_lora_layers"] = layers
+            kw[f"{name}_lora_adapter_metadata"] = text_meta[name]
+        cls.save_lora_weights(folder, unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta,
+                              safe_serialization=True, weight_name=weight_name, **kw)
+
+    # ---- what the rest of the code asks -------------------------------------------------------------------------
+    def check_method(self, method: str) -> None:
+        if method not in self.methods:
+            from dreambench.errors import UserError
+            raise UserError(f"method={method} does not apply to model.family={self.name} (it has: "
+                            f"{', '.join(self.methods)})")
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
