@@ -413,22 +413,29 @@ def case_full_size(s: Settings) -> list[dict[str, Any]]:
     return rows
 
 
+ARCHITECTURES = {  # bench/architectures: full-size configs, by diffusers component name
+    "SD 1.5": (512, {"unet": "sd15_unet", "text_encoder": "sd15_text", "vae": "sd15_vae"}),
+    "SDXL": (1024, {"unet": "sdxl_unet", "text_encoder": "sdxl_text1", "text_encoder_2": "sdxl_text2",
+                    "vae": "sdxl_vae"}),
+}
+
+
 def case_memory_plan() -> list[dict[str, Any]]:
-    """The planner's estimates for SD 1.5 (no GPU needed: meta-device trace)."""
-    from dreambench.memory import GB, estimate
+    """The planner's estimates (no GPU needed: meta-device traces) for full-size SD 1.5 at 512² and SDXL at 1024²,
+    1 + 1 prior batch, bf16-mixed, frozen parts in bf16, DreamBooth with each rung of the switch ladder, and
+    which of a 24 / 48 / 80 GB card each fits (README: which model, which card)."""
+    from dreambench.memory import CARDS_GB, GB, switch_ladder
     from dreambench.methods import DreamBooth
-    configs = {k: json.loads((ARCH / f"sd15_{n}.json").read_text())
-               for k, n in (("unet", "unet"), ("text_encoder", "text"), ("vae", "vae"))}
     rows = []
-    for label, kw in (("full fine-tune, bf16-mixed, AdamW", {}),
-                      ("+ gradient checkpointing", {"gradient_checkpointing": True}),
-                      ("+ 8-bit AdamW", {"optimizer": "AdamW8bit"}),
-                      ("+ gradient checkpointing + 8-bit AdamW", {"gradient_checkpointing": True,
-                                                                   "optimizer": "AdamW8bit"})):
+    for model, (res, files) in ARCHITECTURES.items():
+        configs = {k: json.loads((ARCH / f"{n}.json").read_text()) for k, n in files.items()}
         t0 = time.perf_counter()
-        e = estimate(configs, DreamBooth(), resolution=512, precision="bf16-mixed", frozen_dtype=torch.bfloat16,
-                     device="cuda", **kw)
-        rows.append({"case": "memory plan (SD 1.5, 512², 1 + 1)", "variant": label, "unit": "GB (estimate)",
-                     "what": "dreambench.memory.estimate; CUDA overhead 1 GB included", "median": e.total / GB,
-                     "n": 1, "parts_gb": e.summary()["parts_gb"], "plan_s": time.perf_counter() - t0})
+        ladder = switch_ladder(configs, DreamBooth(), resolution=res, precision="bf16-mixed",
+                               frozen_dtype=torch.bfloat16, device="cuda")
+        plan_s = (time.perf_counter() - t0) / len(ladder)
+        for label, overrides, e in ladder:
+            rows.append({"case": f"memory plan ({model}, {res}², 1 + 1)", "variant": label, "unit": "GB (estimate)",
+                         "what": "dreambench.memory.estimate; CUDA overhead 1 GB included", "median": e.total / GB,
+                         "n": 1, "overrides": " ".join(overrides), "parts_gb": e.summary()["parts_gb"],
+                         "fits_gb": [c for c in CARDS_GB if e.total <= c * GB], "plan_s": plan_s})
     return rows

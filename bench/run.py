@@ -65,6 +65,9 @@ def markdown(result: dict[str, Any]) -> str:
             vs = f"{r['speedup_vs_reference_as_used']:.2f}× reference, as used"
         if r.get("sites"):
             notes.append("from " + ", ".join(f"{k} ×{v}" for k, v in list(r["sites"].items())[:4]))
+        if r.get("fits_gb") is not None:
+            notes.append("fits " + (" / ".join(f"{c}" for c in r["fits_gb"]) + " GB" if r["fits_gb"] else "no card")
+                         + (f" (`{r['overrides']}`)" if r.get("overrides") else ""))
         if r.get("parts_gb"):
             notes.append(", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items()))
         if r.get("whole_run_s") is not None:

@@ -296,6 +296,44 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
         "could not be planned" in n for n in notes))
 
 
+# ---- which switches make a run fit -------------------------------------------------------------------------------
+CARDS_GB = (24, 48, 80)  # the cards people train on: RTX 3090/4090, A6000/L40S, A100/H100 80 GB
+# The switches that lower the peak, in the order a user would try them (least change to what is trained first):
+# (label, the overrides that set them, estimate() keyword changes; "method": "lora" swaps the method).
+SWITCH_LADDER: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = (
+    ("as configured", (), {}),
+    ("gradient checkpointing", ("model.gradient_checkpointing=true",), {"gradient_checkpointing": True}),
+    ("8-bit AdamW", ("optimizer=adamw8bit",), {"optimizer": "AdamW8bit"}),
+    ("gradient checkpointing + 8-bit AdamW", ("model.gradient_checkpointing=true", "optimizer=adamw8bit"),
+     {"gradient_checkpointing": True, "optimizer": "AdamW8bit"}),
+    ("LoRA", ("method=lora",), {"method": "lora"}),
+    ("LoRA + gradient checkpointing", ("method=lora", "model.gradient_checkpointing=true"),
+     {"method": "lora", "gradient_checkpointing": True}),
+)
+
+
+def default_lora() -> Any:
+    """conf/method/lora.yaml's LoRA (rank 4 on the attention projections), for the ladder's LoRA rows."""
+    from dreambench.methods import LoRA
+    return LoRA(rank=4)
+
+
+def switch_ladder(configs: dict[str, dict[str, Any]], method: Any, **kw: Any
+                  ) -> list[tuple[str, tuple[str, ...], MemoryEstimate]]:
+    """`estimate` for the run as configured and for each rung of SWITCH_LADDER (the overrides that apply it);
+    `kw` as for `estimate`. A rung that is already configured (e.g. checkpointing on) is skipped."""
+    out = []
+    for label, overrides, change in SWITCH_LADDER:
+        if change and all(kw.get(k) == v for k, v in change.items() if k != "method") and "method" not in change:
+            continue
+        if change.get("method") == "lora" and getattr(method, "name", "") == "lora":
+            continue
+        m = default_lora() if change.get("method") == "lora" else method
+        args = {**kw, **{k: v for k, v in change.items() if k != "method"}}
+        out.append((label, overrides, estimate(configs, m, **args)))
+    return out
+
+
 def device_capacity(accelerator: str) -> tuple[str, int | None]:
     """(device name, total bytes) of the device a run will use; CPU memory is not checked (swap, other jobs)."""
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
@@ -337,10 +375,24 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
     if not est.fits and not est.exact:
         log.warning("memory plan: the upper bound exceeds %s's %s; not stopping on an upper bound", device, human(cap))
     elif not est.fits:
+        # Which switches would make it fit, from the same planner (a few seconds of meta-device traces).
+        try:
+            ladder = switch_ladder(configs, method, resolution=int(cfg.data.resolution),
+                                   batch_size=int(cfg.data.batch_size), prior=float(cfg.prior.get("weight", 0.0)) > 0,
+                                   precision=precision, gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
+                                   optimizer=opt, attention=str(cfg.model.get("attention", "sdpa")),
+                                   frozen_dtype=frozen, device=device, capacity=cap,
+                                   context=_method_context(cfg, model_ref, method), ema=_ema_on_device(cfg))
+            fitting = [f"{' '.join(o)} (~{human(e.total)})" for _, o, e in ladder[1:] if e.fits]
+        except Exception as e:  # noqa: BLE001 - the advice must not hide the error it advises on
+            log.debug("memory plan: switch ladder failed (%s)", e)
+            fitting = []
+        advice = ("; it fits with " + ", or ".join(fitting[:3])) if fitting else (
+            "; no single switch of model.gradient_checkpointing=true, optimizer=adamw8bit, method=lora makes it "
+            "fit: lower data.resolution or use a larger card")
         raise UserError(
             f"estimated peak memory {human(est.total)} exceeds {device}'s {human(cap)} "
-            f"(resolution {cfg.data.resolution}, batch {cfg.data.batch_size}, precision {precision}); try "
-            f"model.gradient_checkpointing=true, optimizer=adamw8bit, method=lora or a smaller data.resolution "
+            f"(resolution {cfg.data.resolution}, batch {cfg.data.batch_size}, precision {precision}){advice} "
             f"(memory.plan=false skips this check)")
     return est
 

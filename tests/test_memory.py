@@ -111,6 +111,50 @@ def test_exceeding_the_device_stops_before_any_model_loads(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_run_that_does_not_fit_names_the_switches_that_make_it_fit(tmp_path):
+    """The advice is computed by the same planner: a capacity between the full fine-tune's estimate and LoRA's
+    names the switches that fit (each with its estimate) in the error, and none that would not."""
+    from hydra.utils import instantiate
+
+    from dreambench.errors import UserError
+    from dreambench.memory import GB, read_configs, switch_ladder
+    from dreambench.train import prepare
+    cfg = compose(prepare_overrides(tmp_path / "run"))
+    plan = prepare(cfg)
+    ladder = switch_ladder(read_configs(plan.model_ref), instantiate(cfg.method), resolution=int(cfg.data.resolution),
+                           batch_size=int(cfg.data.batch_size), prior=float(cfg.prior.get("weight", 0.0)) > 0)
+    totals = {label: e.total for label, _, e in ladder}
+    assert totals["LoRA + gradient checkpointing"] < totals["LoRA"] < totals["as configured"]
+    assert totals["gradient checkpointing"] < totals["as configured"]
+    cap = (totals["LoRA"] + totals["as configured"]) / 2
+    with pytest.raises(UserError, match=r"it fits with ") as e:
+        prepare(compose(prepare_overrides(tmp_path / "run2", f"memory.capacity_gb={cap / GB:.9f}")))
+    named = str(e.value).split("it fits with ")[1].split(" (memory.plan")[0].split(", or ")
+    fitting = [" ".join(o) for _, o, est in ladder[1:] if est.total <= cap]
+    assert fitting and [n.split(" (~")[0] for n in named] == fitting[:3]  # the first three that fit, in order
+
+
+def test_full_size_sdxl_plan_orders_the_switches_as_the_peers_report():
+    """SDXL base at 1024², 1 + 1, bf16-mixed, from its full-size configs (bench/architectures): both text encoders
+    counted, full fine-tuning between 48 and 80 GB, LoRA with gradient checkpointing within a 24 GB card and
+    without checkpointing above it, each switch lowering the peak."""
+    import json
+
+    from dreambench.memory import GB, switch_ladder
+    from dreambench.methods import DreamBooth
+    arch = REPO / "bench" / "architectures"
+    configs = {k: json.loads((arch / f"sdxl_{n}.json").read_text()) for k, n in
+               (("unet", "unet"), ("vae", "vae"), ("text_encoder", "text1"), ("text_encoder_2", "text2"))}
+    ladder = {label: e for label, _, e in switch_ladder(configs, DreamBooth(), resolution=1024, prior=True,
+                                                         precision="bf16-mixed", frozen_dtype=torch.bfloat16,
+                                                         device="cuda", capacity=int(80 * GB))}
+    full, lora_ckpt = ladder["as configured"], ladder["LoRA + gradient checkpointing"]
+    assert full.params["text_encoder_2"] == 694_659_840 and full.trainable == full.params["unet"]
+    assert 48 * GB < full.total <= 80 * GB
+    assert lora_ckpt.total <= 24 * GB < ladder["LoRA"].total
+    assert ladder["gradient checkpointing + 8-bit AdamW"].total < ladder["gradient checkpointing"].total < full.total
+
+
 def test_textual_inversion_is_planned_from_its_own_prepare(tmp_path):
     from dreambench.train import prepare
     plan = prepare(compose(prepare_overrides(tmp_path, "method=textual_inversion")))
