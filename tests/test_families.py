@@ -295,3 +295,18 @@ def test_what_sdxl_does_not_have_yet_is_one_line_before_any_model_loads(override
                    "model.pretrained=/nonexistent/never-loaded"])
     with pytest.raises(UserError, match=message):
         prepare(cfg)
+
+
+def test_sdxl_lora_recipe_is_diffusers_published_settings_and_runs_on_the_tiny_sdxl(tmp_path):
+    """conf/recipe/lora_sdxl.yaml = examples/dreambooth/README_sdxl.md's dog example (lr 1e-4 constant, batch 1 x
+    accumulation 4, 500 steps, 1024 px, rank 4 on the attention projections), prior preservation kept."""
+    from dreambench.train import train
+    cfg = compose(["+experiment=dog", "+recipe=lora_sdxl"])
+    assert (cfg.model.name, cfg.model.family, cfg.data.resolution) == ("sdxl", "sdxl", 1024)
+    assert cfg.method._target_ == "dreambench.methods.LoRA" and cfg.method.rank == 4 and cfg.method.lr == 1e-4
+    assert list(cfg.method.target_modules) == ["to_k", "to_q", "to_v", "to_out.0"]
+    assert (cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches, cfg.data.batch_size) == (500, 4, 1)
+    assert cfg.train.lr_scheduler == "constant" and cfg.prior.weight == 1.0
+    m = train(compose(["+experiment=dog", "+recipe=lora_sdxl", *TINY, "model=tiny_sdxl", "trainer.max_steps=2",
+                       f"paths.run_dir={tmp_path / 'run'}"]))
+    assert m["steps"] == 2 and m["method"]["name"] == "lora" and m["train/loss_prior"] > 0
