@@ -470,6 +470,10 @@ class DreamBoothModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        # E.g. textual inversion copies back the embedding rows that must not move. Here, not in on_train_batch_end:
+        # ModelCheckpoint's on_train_batch_end runs before the module's and would save the rows as AdamW's weight
+        # decay left them, which a resumed run's first step would then use.
+        self.method.after_optimizer_step(self)
         # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint, preemption) run before
         # the module's, so a checkpoint of step N would miss step N's EMA update and resume would not be exact.
         # global_step counts this step only after optimizer_step returns, hence + 1.
@@ -580,7 +584,6 @@ class DreamBoothModule(L.LightningModule):
         self._first_step()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.method.after_optimizer_step(self)
         every = int(self.val_cfg.get("every_n_steps") or 0)
         step = self.global_step
         if self.val_set is not None and step % every == 0 and step != self._val_last_step:

@@ -108,6 +108,9 @@ def test_textual_inversion_learns_one_row_only_and_loads_back(tmp_path, monkeypa
     # Checkpoints keep only the embedding matrix; the export is the one row in diffusers' format.
     ckpt = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)
     assert list(ckpt["state_dict"]) == [f"text_encoder.{emb_key}"]
+    # ...with the old rows as they are, not as the step's weight decay left them before they were copied back
+    # (a resumed run's first step reads them): seen failing when the copy ran after the checkpoint callback.
+    assert torch.equal(ckpt["state_dict"][f"text_encoder.{emb_key}"][:tid], ref[emb_key])
     saved = load_file(str(run / "model" / "learned_embeds.safetensors"))
     assert list(saved) == ["<sks>"] and torch.equal(saved["<sks>"][0], learned)
 
