@@ -419,6 +419,9 @@ def _method_context(cfg: Any, model_ref: str, method: Any) -> dict[str, Any]:
         tok = CLIPTokenizer.from_pretrained(model_ref, subfolder="tokenizer", revision=cfg.model.get("revision"))
         ident = resolve_identifier(str(cfg.data.get("identifier", "sks")), tok, int(cfg.seed))
         ctx.update(tokenizer=tok, identifier=method.identifier_token(ident))
+        if str(cfg.model.get("family") or "sd") == "sdxl":  # SDXL's second tokenizer (textual inversion adds to both)
+            ctx["tokenizer_2"] = CLIPTokenizer.from_pretrained(model_ref, subfolder="tokenizer_2",
+                                                               revision=cfg.model.get("revision"))
     except Exception as e:  # noqa: BLE001 - without it a method needing one is planned as an upper bound
         log.debug("memory plan: no tokenizer for the method (%s)", e.__class__.__name__)
     return ctx

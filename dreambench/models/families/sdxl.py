@@ -22,7 +22,7 @@ class SDXL(Family):
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")
-    methods = ("dreambooth", "lora")  # textual inversion on both encoders: not yet (docs/FAMILIES.md)
+    methods = ("dreambooth", "lora", "textual_inversion")  # TI: a row in both encoders (clip_l, clip_g)
     needs_image_geometry = True
 
     def load_parts(self, ref, revision, variant, use_safetensors):
