@@ -85,3 +85,36 @@ def weighted_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, p
         return loss_instance, loss_instance, loss_instance.new_zeros(())
     loss_prior = per_sample[num_instance:].mean()
     return loss_instance + prior_weight * loss_prior, loss_instance, loss_prior
+
+
+# ---- rectified flow (SD 3.5; model.flow) -------------------------------------------------------------------------
+
+def flow_timestep_indices(batch: int, num_train_timesteps: int, scheme: str, logit_mean: float, logit_std: float,
+                          mode_scale: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Indices into the scheduler's σ schedule: u ~ the scheme's density on [0, 1), index = floor(u · T), as
+    diffusers' train_dreambooth_sd3.py (`compute_density_for_timestep_sampling`, Esser et al. 2024 §3.1):
+    logit_normal (u = sigmoid(N(m, s))), mode (u = 1 - v - scale · (cos²(πv/2) - 1 + v)), uniform."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    if scheme not in ("logit_normal", "mode", "uniform"):
+        raise ValueError(f"model.flow.timestep_sampling={scheme!r}: logit_normal, mode or uniform")
+    u = compute_density_for_timestep_sampling(scheme, batch, logit_mean=logit_mean, logit_std=logit_std,
+                                              mode_scale=mode_scale, device=device, generator=generator)
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+
+
+def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target): x_t = (1 - σ) x0 + σ ε and the velocity target ε - x0 (rectified flow)."""
+    s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def flow_loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights (diffusers' `compute_loss_weighting_for_sd3`): none (None: the plain loss path),
+    sigma_sqrt (σ^-2), cosmap (2 / (π (1 - 2σ + 2σ²)))."""
+    if scheme == "none":
+        return None
+    if scheme not in ("sigma_sqrt", "cosmap"):
+        raise ValueError(f"model.flow.loss_weighting={scheme!r}: none, sigma_sqrt or cosmap")
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+    return compute_loss_weighting_for_sd3(scheme, sigmas.float())

@@ -23,6 +23,9 @@ from dreambench.resilience.numerics import keep_vae_fp32, vae_needs_fp32
 from dreambench.sampling import generate, make_scheduler
 
 log = logging.getLogger("dreambench")
+# model.flow's defaults (conf/model/sd15.yaml; flow-matching families only): diffusers' train_dreambooth_sd3.py.
+FLOW_DEFAULTS = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                 "loss_weighting": "none"}
 
 
 class DreamBoothModule(L.LightningModule):
@@ -37,8 +40,9 @@ class DreamBoothModule(L.LightningModule):
         self.tokenizer = components.tokenizer
         # The model family (SD 1.x/2.x, SDXL): how prompts become conditioning, how the UNet is called, which
         # pipeline samples and exports. SDXL's second text encoder and tokenizer; None for SD.
-        self.family = get_family(components.family)
+        self.family = get_family(components.family).configured(cfg.model, components.unet)
         self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = components.text_encoder_3, components.tokenizer_3  # SD3's T5
         self.noise_scheduler = components.noise_scheduler
         self.components = components
         self.run_cfg, self.prior, self.identifier, self.subject = cfg, prior, identifier, subject
@@ -64,8 +68,14 @@ class DreamBoothModule(L.LightningModule):
         fmt = dict(identifier=identifier, class_noun=cfg.data.class_noun)
         self.instance_prompt = " ".join(cfg.data.instance_prompt.format(**fmt).split())
         self.class_prompt = " ".join(cfg.data.class_prompt.format(**fmt).split())
-        self.prediction_type = components.noise_scheduler.config.prediction_type
-        self.register_buffer("alphas_cumprod", components.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+        if self.family.objective == "flow_matching":  # SD3: σ of each training timestep (the shifted schedule)
+            self.prediction_type = "flow"
+            self.flow_cfg = {**FLOW_DEFAULTS, **dict(cfg.model.get("flow") or {})}
+            self.register_buffer("flow_sigmas", components.noise_scheduler.sigmas.clone().float(), persistent=False)
+        else:
+            self.prediction_type = components.noise_scheduler.config.prediction_type
+            self.register_buffer("alphas_cumprod", components.noise_scheduler.alphas_cumprod.clone(),
+                                 persistent=False)
 
         self.vae.requires_grad_(False).eval()
         if vae_needs_fp32(cfg.model.get("vae_fp32", "auto"), cfg.trainer.get("precision"),
@@ -236,7 +246,8 @@ class DreamBoothModule(L.LightningModule):
     # ---- the model family's parts ------------------------------------------------------------------------------
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [getattr(self, n) for n in self.family.text_encoders]
+        """The family's text encoders that this model has (SD3 without T5: the two CLIP ones)."""
+        return [m for m in (getattr(self, n) for n in self.family.text_encoders) if m is not None]
 
     def named_text_encoders(self, trainable: bool = False) -> list[tuple[str, torch.nn.Module]]:
         """(attribute name, encoder): all of the family's, or those train_text_encoder / LoRA may train."""
@@ -253,7 +264,7 @@ class DreamBoothModule(L.LightningModule):
 
     def encode(self, ids: torch.Tensor):
         """Token ids -> the denoiser's text conditioning (a dict of tensors batched along dim 0)."""
-        return self.family.encode(self.text_encoders, ids)
+        return self.family.encode([getattr(self, n) for n in self.family.text_encoders], ids)
 
     def denoise(self, noisy: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
         return self.family.denoise(self.unet, noisy, t, cond)
@@ -344,6 +355,8 @@ class DreamBoothModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         latents, cond, n_inst, mask = self._draw(batch_idx)
+        if self.family.objective == "flow_matching":
+            return self._flow_step(latents, cond, n_inst, mask, batch_idx)
         if self.bucket_banks is not None:
             return self._bucket_step(latents if isinstance(latents, tuple) else (latents,), cond, mask, batch_idx)
         g = self.noise_generator
@@ -366,6 +379,25 @@ class DreamBoothModule(L.LightningModule):
         if lc["min_snr_gamma"]:  # null or 0: off (0 would weigh every step 0; a sweep's choice() cannot say null)
             weights = losses.min_snr_weights(losses.snr(self.alphas_cumprod, t), lc["min_snr_gamma"],
                                              self.prediction_type)
+        loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)
+        return self._logged(loss, loss_inst, loss_prior, batch_idx)
+
+    def _flow_step(self, latents: torch.Tensor, cond, n_inst: int, mask: torch.Tensor | None,
+                   batch_idx: int) -> torch.Tensor:
+        """Rectified-flow step (SD3; model.flow): noise, then a timestep index per sample drawn by
+        `timestep_sampling` (diffusers' compute_density_for_timestep_sampling) from the same generator; σ from the
+        scheduler's shifted schedule; x_t = (1 - σ) x0 + σ ε; target ε - x0; each sample weighted by
+        `loss_weighting` (compute_loss_weighting_for_sd3); the [instance; class] halves split on the batch axis."""
+        g, fc = self.noise_generator, self.flow_cfg
+        noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        idx = losses.flow_timestep_indices(latents.shape[0], len(self.flow_sigmas), fc["timestep_sampling"],
+                                           float(fc["logit_mean"]), float(fc["logit_std"]), float(fc["mode_scale"]),
+                                           g, latents.device)
+        sigmas = self.flow_sigmas[idx]
+        noisy, target = losses.flow_matching_pair(latents, noise, sigmas)
+        t = sigmas * len(self.flow_sigmas)  # the scheduler's timestep values (σ x num_train_timesteps)
+        pred = self.denoise(noisy, t, cond)
+        weights = losses.flow_loss_weights(fc["loss_weighting"], sigmas)
         loss, loss_inst, loss_prior = losses.weighted_loss(pred, target, n_inst, self.prior.weight, weights, mask)
         return self._logged(loss, loss_inst, loss_prior, batch_idx)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,6 +19,11 @@ def make_scheduler(name: str, base_config: Mapping[str, Any], **overrides: Any):
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config"):
         raise ValueError(f"guidance.scheduler={name!r} is not a diffusers scheduler class")
+    own = str(base_config.get("_class_name") or "")
+    if own.startswith("FlowMatch") and not name.startswith("FlowMatch"):
+        # A rectified-flow model (SD 3.5) samples with a flow-matching scheduler; guidance.scheduler's default
+        # (DDIM) and the other DDPM-family samplers do not apply to it: the model's own scheduler class is used.
+        cls = getattr(diffusers, own)
     return cls.from_config(dict(base_config), **overrides)
 
 
@@ -41,6 +47,14 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Mappi
     height = guidance.get("height") or None
     width = guidance.get("width") or None
     negative = guidance.get("negative_prompt") or None
+    rescale = float(guidance.get("guidance_rescale") or 0.0)
+    extra: dict[str, Any] = dict(getattr(pipe, "_dreambench_call_kwargs", None) or {})  # the family's (SD3)
+    params = inspect.signature(pipe.__call__).parameters
+    if "guidance_rescale" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        # Lin et al. 2024 §3.4 (0.7 there, with a zero-terminal-SNR model); 0.0 is diffusers' default: no rescale.
+        extra["guidance_rescale"] = rescale
+    elif rescale:
+        raise ValueError(f"guidance.guidance_rescale={rescale}: {type(pipe).__name__} has no guidance rescale")
     bar = tqdm(total=len(prompts), desc=desc, unit="img", disable=not progress, leave=False)
     for i in range(0, len(prompts), batch_size):
         p, s = list(prompts[i:i + batch_size]), seeds[i:i + batch_size]
@@ -51,9 +65,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: Mappi
             guidance_scale=float(guidance["guidance_scale"]),
             height=height, width=width,
             generator=[torch.Generator("cpu").manual_seed(int(x)) for x in s],
-            # Lin et al. 2024 §3.4 (0.7 there, with a zero-terminal-SNR model); 0.0 is diffusers' default: no rescale.
-            guidance_rescale=float(guidance.get("guidance_rescale") or 0.0),
             output_type=output_type,
+            **extra,
         )
         out.extend(result.images)
         bar.update(len(p))

@@ -52,10 +52,22 @@ class DataSchema:
 
 
 @dataclass
+class FlowSchema:
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"
+
+
+@dataclass
 class ModelSchema:
     name: str = "sd15"
     family: str = "sd"
     pretrained: str = "???"
+    t5: bool = True
+    max_sequence_length: int = 256
+    flow: FlowSchema = field(default_factory=FlowSchema)
     revision: str | None = None
     variant: str | None = None
     resolution: int = 512
@@ -143,7 +155,11 @@ RULES: list[tuple[str, Any, str]] = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.on_bad_image", lambda v: v in ("error", "skip"), "error or skip"),
     ("model.attention", lambda v: v in ("sdpa", "eager"), "sdpa or eager"),
-    ("model.family", lambda v: v in ("sd", "sdxl"), "sd or sdxl (dreambench.models.families)"),
+    ("model.family", lambda v: v in ("sd", "sdxl", "sd3"), "sd, sdxl or sd3 (dreambench.models.families)"),
+    ("model.flow.timestep_sampling", lambda v: v in ("logit_normal", "mode", "uniform"), "logit_normal, mode or uniform"),
+    ("model.flow.loss_weighting", lambda v: v in ("none", "sigma_sqrt", "cosmap"), "none, sigma_sqrt or cosmap"),
+    ("model.flow.logit_std", lambda v: v > 0, "> 0"),
+    ("model.max_sequence_length", lambda v: v >= 1, ">= 1"),
     ("model.vae_fp32", lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
     ("trainer.max_steps", lambda v: v >= 0, ">= 0 (0: no training, the base model as it is)"),
     ("trainer.accumulate_grad_batches", lambda v: v >= 1, ">= 1"),

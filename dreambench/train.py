@@ -69,7 +69,9 @@ def validate_config(cfg: DictConfig) -> None:
     from dreambench.schema import validate
     validate(cfg)  # unknown keys, types, ranges (resolution a multiple of 8, lr > 0, ...): one UserError line
     # A method the model family does not have (e.g. textual inversion on SDXL, not yet): one line, before loading.
-    get_family(cfg.model.get("family")).check_method(get_class(cfg.method._target_).name)
+    family = get_family(cfg.model.get("family"))
+    family.check_method(get_class(cfg.method._target_).name)
+    family.check_config(cfg)
 
 
 def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:

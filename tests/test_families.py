@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import TINY, compose, torch_threads
 from PIL import Image
 
-MODELS = {"sd": "model=tiny", "sdxl": "model=tiny_sdxl"}
+MODELS = {"sd": "model=tiny", "sdxl": "model=tiny_sdxl", "sd3": "model=tiny_sd3"}
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +63,11 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
     seen: dict[str, torch.Tensor] = {}
 
     def capture(_, args, kwargs):
-        seen["encoder_hidden_states"] = args[2]
-        seen.update(kwargs.get("added_cond_kwargs") or {})
+        if len(args) > 2:  # UNet(x, t, hidden, added_cond_kwargs=...)
+            seen["encoder_hidden_states"] = args[2]
+            seen.update(kwargs.get("added_cond_kwargs") or {})
+        else:  # SD3's transformer, all keywords
+            seen.update({k: kwargs[k] for k in ("encoder_hidden_states", "pooled_projections")})
     g = module.noise_generator.manual_seed(1234)  # every call draws the same
     state = g.get_state()
     handle = module.unet.register_forward_pre_hook(capture, with_kwargs=True)
@@ -75,11 +78,22 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
     g.set_state(state)
     latents, _, b, _ = module._draw(0)  # the same latents (the generator is back where it was)
     noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype)
-    t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-    noisy = module.noise_scheduler.add_noise(latents, noise, t)
     fam = module.family
-    pipe_cls = getattr(diffusers, fam.pipeline_class)
-    pipe = pipe_cls(**module.parts(), scheduler=diffusers.DDPMScheduler(), **fam.pipeline_init_kwargs)
+    if fam.name == "sd3":  # rectified flow, by diffusers' own functions and scheduler (train_dreambooth_sd3.py)
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(module.components.scheduler_config)
+        u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0,
+                                                  generator=g)
+        i = (u * sched.config.num_train_timesteps).long()
+        t, sigma = sched.timesteps[i], sched.sigmas[i].view(-1, 1, 1, 1)
+        noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
+        parts = {k: v for k, v in module.parts().items() if k != "unet"}
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=module.unet, scheduler=sched, **parts)
+    else:
+        t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+        noisy, target = module.noise_scheduler.add_noise(latents, noise, t), noise
+        pipe_cls = getattr(diffusers, fam.pipeline_class)
+        pipe = pipe_cls(**module.parts(), scheduler=diffusers.DDPMScheduler(), **fam.pipeline_init_kwargs)
     res = int(cfg.data.resolution)
     idx = module._indices(len(module.instance_bank), int(cfg.seed), 0, b).tolist()
     halves = [(module.instance_prompt, [module.instance_paths[i] for i in idx]),
@@ -91,6 +105,13 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
             emb, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
             pred = module.unet(noisy[sl], t[sl], emb.repeat(b, 1, 1)).sample
             conds.append({"encoder_hidden_states": emb.repeat(b, 1, 1)})
+        elif fam.name == "sd3":
+            emb, _, pooled, _ = pipe.encode_prompt(prompt, None, None, device="cpu", num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=False,
+                                                   max_sequence_length=int(cfg.model.max_sequence_length))
+            cond = {"encoder_hidden_states": emb.repeat(b, 1, 1), "pooled_projections": pooled.repeat(b, 1)}
+            pred = module.unet(hidden_states=noisy[sl], timestep=t[sl], return_dict=False, **cond)[0]
+            conds.append(cond)
         else:
             emb, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                                    do_classifier_free_guidance=False)
@@ -105,7 +126,7 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
                                added_cond_kwargs={k: cond[k] for k in ("text_embeds", "time_ids")}).sample
             conds.append(cond)
         preds.append(pred)
-    hand = F.mse_loss(preds[0], noise[:b]) + float(cfg.prior.weight) * F.mse_loss(preds[1], noise[b:])
+    hand = F.mse_loss(preds[0], target[:b]) + float(cfg.prior.weight) * F.mse_loss(preds[1], target[b:])
     return loss, float(hand), seen, {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
@@ -126,14 +147,15 @@ BROKEN = {
     "loss split along the channel axis": lambda m, mp: mp.setattr("dreambench.module.losses.weighted_loss",
                                                                   _split_on_channels),
     "class half gets the instance's pooled embedding": lambda m, mp: setattr(
-        m, "class_emb", {**m.class_emb, "text_embeds": m.instance_emb["text_embeds"]}),
+        m, "class_emb", {**m.class_emb, **{k: m.instance_emb[k] for k in ("text_embeds", "pooled_projections")
+                                            if k in m.class_emb}}),
     "class half gets the instance's time ids": lambda m, mp: setattr(
         m.class_bank, "geometry", m.instance_bank.geometry[:len(m.class_bank)]),
 }
-APPLIES = {"sd": list(BROKEN)[:2], "sdxl": list(BROKEN)}
+APPLIES = {"sd": list(BROKEN)[:2], "sdxl": list(BROKEN), "sd3": list(BROKEN)[:3]}
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_prior_preservation_loss_is_the_hand_computation_and_each_known_bug_breaks_it(family, tmp_path, monkeypatch):
     module, cfg = build(tmp_path / "run", family, "data.batch_size=2", "data.hflip=false", "prior.weight=0.7")
     loss, hand, cond, hand_cond = module_and_hand_loss(module, cfg)
@@ -347,3 +369,100 @@ def test_sdxl_lora_recipe_is_diffusers_published_settings_and_runs_on_the_tiny_s
     m = train(compose(["+experiment=dog", "+recipe=lora_sdxl", *TINY, "model=tiny_sdxl", "trainer.max_steps=2",
                        f"paths.run_dir={tmp_path / 'run'}"]))
     assert m["steps"] == 2 and m["method"]["name"] == "lora" and m["train/loss_prior"] > 0
+
+
+# ---- SD 3.5 (rectified flow) ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])
+def test_flow_timestep_sampling_and_weights_by_hand(scheme):
+    """Indices from the scheme's density (Esser et al. 2024 §3.1, as diffusers' training_utils), the pair
+    x_t = (1 - σ) x0 + σ ε with target ε - x0, and the loss weights, each against the formula written out."""
+    import math
+
+    from dreambench.losses import flow_loss_weights, flow_matching_pair, flow_timestep_indices
+    g = torch.Generator().manual_seed(3)
+    idx = flow_timestep_indices(4096, 1000, scheme, 0.0, 1.0, 1.29, g, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.normal(0.0, 1.0, (4096,), generator=g))
+    else:
+        v = torch.rand(4096, generator=g)
+        u = 1 - v - 1.29 * (torch.cos(math.pi * v / 2) ** 2 - 1 + v) if scheme == "mode" else v
+    assert torch.equal(idx, (u * 1000).long())
+    frac_middle = ((idx > 250) & (idx < 750)).float().mean()
+    assert (frac_middle > 0.6) if scheme == "logit_normal" else True  # logit-normal favours the middle
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    xt, target = flow_matching_pair(x0, eps, sigmas)
+    torch.testing.assert_close(xt[1], 0.5 * x0[1] + 0.5 * eps[1])
+    torch.testing.assert_close(target, eps - x0)
+    assert flow_loss_weights("none", sigmas) is None
+    torch.testing.assert_close(flow_loss_weights("sigma_sqrt", sigmas), sigmas ** -2)
+    torch.testing.assert_close(flow_loss_weights("cosmap", sigmas), 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2)))
+
+
+def test_sd3_dreambooth_and_lora_export_what_diffusers_loads_and_generate_and_evaluate_use_it(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from dreambench.evaluate import evaluate
+    from dreambench.methods import load_run_pipeline
+    from dreambench.train import train
+    # DreamBooth with both CLIP encoders trained: the exported folder is diffusers' own SD3 pipeline.
+    run = tmp_path / "db"
+    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", f"paths.run_dir={run}", "trainer.max_steps=3",
+                   "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3", "optimizer.lr=1e-2"])
+    metrics = train(cfg)
+    assert metrics["train/loss_prior"] > 0
+    state = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
+    no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
+    tuned = StableDiffusion3Pipeline.from_pretrained(run / "model", use_safetensors=True, **no_t5)
+    base = StableDiffusion3Pipeline.from_pretrained(cfg.model.pretrained, use_safetensors=True, **no_t5)
+    assert type(tuned.transformer).__name__ == "SD3Transformer2DModel"
+    kw = {"max_sequence_length": 8}
+    assert abs(_render_kw(tuned, **kw) - _render_kw(base, **kw)).max() > 1e-3
+
+    # LoRA on the transformer (+ both CLIP encoders): one file diffusers' own load_lora_weights applies.
+    run = tmp_path / "runs" / "dog-sd3"
+    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", f"paths.run_dir={run}", "trainer.max_steps=3",
+                   "method=lora", "method.lr=5e-2", "model.train_text_encoder=true"])
+    train(cfg)
+    saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".")[0] for k in saved} == {"transformer", "text_encoder", "text_encoder_2"}
+    before = _render_kw(base, **kw)
+    base.load_lora_weights(str(run / "model"), weight_name="pytorch_lora_weights.safetensors")
+    after = _render_kw(base, **kw)
+    assert abs(after - before).max() > 1e-4
+    ours = load_run_pipeline(run)
+    assert ours._dreambench_call_kwargs == kw  # samples use the sequence length training used
+    assert abs(_render_kw(ours, **kw) - after).max() < 1e-5
+
+    from helpers import CONF
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        ecfg = hydra_compose("evaluate", overrides=[
+            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
+            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
+    res = evaluate(ecfg)
+    assert -1.0 <= res["summary"]["eval/dino"] <= 1.0
+
+
+def _render_kw(pipe, prompt: str = "a sks dog", seed: int = 0, **kw):
+    import numpy as np
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt, num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(seed), **kw).images[0]
+    return np.asarray(out, dtype=np.float64)
+
+
+@pytest.mark.parametrize("override", ["loss.min_snr_gamma=5", "loss.noise_offset=0.05", "train.val_loss.every_n_steps=5",
+                                      "method=textual_inversion"])
+def test_what_sd3_does_not_have_yet_is_one_line_before_any_model_loads(override, tmp_path):
+    from dreambench.errors import UserError
+    from dreambench.train import prepare
+    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", override, f"paths.run_dir={tmp_path / 'r'}",
+                   "model.pretrained=/nonexistent/never-loaded"])
+    with pytest.raises(UserError, match="does not apply to model.family=sd3"):
+        prepare(cfg)

@@ -80,7 +80,9 @@ def encode_latent_dist(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[
         means.append(dist.mean.float())
         stds.append(dist.std.float())
     k = latent_scale(vae)
-    return torch.cat(means) * k, torch.cat(stds) * k
+    shift = getattr(vae.config, "shift_factor", None)  # SD3's VAE: latents = (z - shift) x scale
+    mean = torch.cat(means) - shift if shift else torch.cat(means)
+    return mean * k, torch.cat(stds) * k
 
 
 class LatentBank:

@@ -32,8 +32,13 @@ def read_method_json(model_dir: Path) -> dict[str, Any] | None:
 
 def load_base_pipeline(base: dict[str, Any]):
     from dreambench.models.families import get_family
-    from dreambench.models.loading import (default_cache_dir, is_single_file, load_single_file_pipeline,
-                                           resolve_model_ref, tiny_build_allowed)
+    from dreambench.models.loading import (
+        default_cache_dir,
+        is_single_file,
+        load_single_file_pipeline,
+        resolve_model_ref,
+        tiny_build_allowed,
+    )
     from dreambench.models.tiny import is_built
 
     # model=tiny is rebuilt (seeded, identical) where its cache folder is gone; a run trained under another
@@ -89,4 +94,18 @@ def load_run_pipeline(run_dir: str | Path):
         pipe = load_base_pipeline(info["base_model"])
         cls.load_artefact(pipe, model_dir, info)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return with_run_call_kwargs(pipe, Path(run_dir))
+
+
+def with_run_call_kwargs(pipe, run_dir: Path):
+    """The run's family settings that sampling must repeat (SD3: model.max_sequence_length), from its config."""
+    from omegaconf import OmegaConf
+
+    from dreambench.models.families import BY_PIPELINE, get_family
+    cfg_file = run_dir / "config.yaml"
+    family = get_family(BY_PIPELINE.get(type(pipe).__name__, "sd"))
+    if cfg_file.is_file():
+        model_cfg = OmegaConf.load(cfg_file).get("model") or {}
+        family = family.configured(OmegaConf.create(dict(model_cfg)), pipe.components.get("transformer")
+                                   or pipe.components.get("unet"))
+    return family.with_call_kwargs(pipe)

@@ -30,14 +30,17 @@ class Components:
     scheduler_config: dict[str, Any]  # the base model's own scheduler config, for sampling schedulers
     identity: dict[str, Any]  # what identifies the base model (class-image cache key)
     family: str = "sd"  # dreambench.models.families: what differs between model generations
-    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection) and its tokenizer
+    text_encoder_2: Any = None  # SDXL's / SD3's second text encoder (CLIPTextModelWithProjection), its tokenizer
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3's T5 (None with model.t5=false) and its tokenizer
+    tokenizer_3: Any = None
 
     def parts(self) -> dict[str, Any]:
         """The pipeline components by their diffusers names (those the family has)."""
         return {k: v for k, v in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder),
                                   ("tokenizer", self.tokenizer), ("text_encoder_2", self.text_encoder_2),
-                                  ("tokenizer_2", self.tokenizer_2)) if v is not None}
+                                  ("tokenizer_2", self.tokenizer_2), ("text_encoder_3", self.text_encoder_3),
+                                  ("tokenizer_3", self.tokenizer_3)) if v is not None}
 
 
 def _looks_local(ref: str) -> bool:
@@ -186,7 +189,9 @@ def check_family(ref: str, family: str) -> None:
 
 def load_components(ref: str, revision: str | None = None, variant: str | None = None,
                     allow_pickle: bool = False, prediction_type: str | None = None,
-                    single_file_config: str | None = None, family: str = "sd") -> Components:
+                    single_file_config: str | None = None, family: str = "sd",
+                    options: dict[str, Any] | None = None) -> Components:
+    """`options`: the family's loading switches from `model.*` (SD3: t5)."""
     from dreambench.models.families import get_family
     fam = get_family(family)
     check_model_ref(ref, revision, single_file_config)
@@ -198,10 +203,12 @@ def load_components(ref: str, revision: str | None = None, variant: str | None =
     if is_single_file(ref):
         pipe = load_single_file_pipeline(ref, single_file_config, allow_pickle, fam.name)
         parts = dict(pipe.components)
+        if "transformer" in parts:  # SD3: the module keeps the denoiser as `unet` whatever it is
+            parts["unet"] = parts.pop("transformer")
         sched_cfg = dict(pipe.scheduler.config)
     else:
         try:
-            parts = fam.load_parts(ref, revision, variant, st)
+            parts = fam.load_parts(ref, revision, variant, st, options)
             sched_cfg = dict(DDPMScheduler.load_config(ref, subfolder="scheduler", revision=revision))
         except (OSError, ValueError, EnvironmentError) as e:
             msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
@@ -210,10 +217,11 @@ def load_components(ref: str, revision: str | None = None, variant: str | None =
                                         "model.allow_pickle=true accepts pickle files you trust)")) from None
     if prediction_type:  # e.g. sd21 at 768 px is a v-prediction model
         sched_cfg["prediction_type"] = prediction_type
-    noise_scheduler = DDPMScheduler.from_config(sched_cfg)
+    noise_scheduler = fam.training_scheduler(sched_cfg)
     return Components(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], noise_scheduler, sched_cfg,
                       model_identity(ref, revision, variant), family=fam.name,
-                      text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"))
+                      text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+                      text_encoder_3=parts.get("text_encoder_3"), tokenizer_3=parts.get("tokenizer_3"))
 
 
 ZERO_SNR_SAMPLER = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
@@ -267,5 +275,6 @@ def resolve_model_ref(model_cfg: Any, cache_dir: str | Path | None = None) -> st
 
 def describe(components: Components) -> str:
     n = sum(p.numel() for p in components.unet.parameters())
-    return (f"UNet {n / 1e6:.1f} M params, prediction {components.noise_scheduler.config.prediction_type}, "
+    target = components.noise_scheduler.config.get("prediction_type") or "flow matching"
+    return (f"{type(components.unet).__name__} {n / 1e6:.1f} M params, prediction {target}, "
             f"latent scale {components.vae.config.scaling_factor}")

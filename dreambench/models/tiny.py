@@ -20,8 +20,10 @@ from dreambench.models.tokenizer import build_tiny_tokenizer
 
 TINY_VERSION = 7  # bump when the architecture or construction changes: the folder name carries it
 TINY_SDXL_VERSION = 1  # the same for model=tiny_sdxl (conf/model/tiny_sdxl.yaml)
-VERSIONS = {"sd": TINY_VERSION, "sdxl": TINY_SDXL_VERSION}
+TINY_SD3_VERSION = 1  # and model=tiny_sd3 (conf/model/tiny_sd3.yaml)
+VERSIONS = {"sd": TINY_VERSION, "sdxl": TINY_SDXL_VERSION, "sd3": TINY_SD3_VERSION}
 SDXL_SCALING_FACTOR = 0.13025
+SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR = 1.5305, 0.0609  # SD 3.5's VAE config
 SD_SCALING_FACTOR = 0.18215
 RESOLUTION = 32  # px; the VAE downsamples 2x, so latents are 4 x 16 x 16
 
@@ -161,6 +163,44 @@ def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
 
 
+@torch.no_grad()
+def build_tiny_sd3_pipeline(seed: int, vae_from: Path):
+    """SD 3.5's parts at model=tiny's size: an MMDiT (SD3Transformer2DModel: 2 joint blocks, patch 2, 4 heads of
+    8, pooled width 32 + 32, joint width 64), two CLIP text encoders with projections (CLIP-L / CLIP-G's roles), no
+    T5 (model.t5 has nothing to load: zeros in its place, as the pipeline without text_encoder_3), the
+    rectified-flow scheduler with SD3's shift 3.0. The VAE is model=tiny's fitted one, reparametrised exactly to
+    SD 3.5's latent convention (z - shift) x scale with its shift 0.0609 and scale 1.5305: encoder mean rows
+    x k + shift, decoder input (z - shift) / k, k = 0.18215 / 1.5305, so its scaled latents have unit std."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    te_kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
+    transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                                        pos_embed_max_size=16)
+    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", use_safetensors=True)
+    k = SD_SCALING_FACTOR / SD3_SCALING_FACTOR
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] = vae.quant_conv.bias[:c] * k + SD3_SHIFT_FACTOR
+    w = vae.post_quant_conv.weight  # [c, c, 1, 1]: z = (z' - shift) / k
+    vae.post_quant_conv.bias -= (w[:, :, 0, 0].sum(dim=1) * SD3_SHIFT_FACTOR / k)
+    vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+                                    text_encoder_2=text_encoder_2, text_encoder_3=None, tokenizer=tokenizer,
+                                    tokenizer_2=tokenizer, tokenizer_3=None)
+
+
 def is_built(folder: Path, family: str = "sd") -> bool:
     marker = folder / "tiny.json"
     if not marker.is_file():
@@ -185,8 +225,9 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0, family: str = "sd") -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if family == "sdxl":  # model=tiny's fitted VAE, from its folder beside this one (built there if missing)
-            pipe = build_tiny_sdxl_pipeline(seed, ensure_tiny_model(tiny_sd_folder_beside(folder), seed))
+        if family in ("sdxl", "sd3"):  # model=tiny's fitted VAE, from its folder beside this one (built if missing)
+            build = build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_sd3_pipeline
+            pipe = build(seed, ensure_tiny_model(tiny_sd_folder_beside(folder), seed))
         else:
             pipe = build_tiny_pipeline(seed)
     finally:

@@ -12,8 +12,9 @@ talk to a family instead of assuming one UNet + one CLIP text encoder + `StableD
 - how LoRA adapters are saved so that the family's own pipeline loads them (`save_lora`);
 - which methods apply (`methods`).
 
-The training objective (DDPM noising and its epsilon / v target) is shared by the families here; flow-matching
-families (SD 3.5, Flux) will add theirs behind the same seam.
+- the training objective (`objective`): "ddpm" (noising by the scheduler's alphas, epsilon or v target; SD, SDXL)
+  or "flow_matching" (rectified flow: x_t = (1 - σ) x0 + σ ε, target ε - x0; SD 3.5), computed by the module
+  from `dreambench.losses`.
 """
 
 from __future__ import annotations
@@ -60,11 +61,23 @@ class Family:
     trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # what train_text_encoder / LoRA may train
     methods: tuple[str, ...] = ("dreambooth", "lora", "textual_inversion")
     needs_image_geometry = False  # add_image_conditioning reads each image's size and crop
+    denoiser = "unet"  # the pipeline's name for the denoiser (the module keeps it as `unet` whatever it is)
+    objective = "ddpm"  # "ddpm" | "flow_matching"
     pipeline_init_kwargs: ClassVar[dict[str, Any]] = {}  # extra keywords of the pipeline class (SD's safety checker)
 
     # ---- loading -----------------------------------------------------------------------------------------------
-    def load_parts(self, ref: str, revision: str | None, variant: str | None, use_safetensors: bool | None
-                   ) -> dict[str, Any]:
+    def configured(self, model_cfg: Any, unet: Any) -> Family:
+        """The family as one run uses it (settings from `model.*` and the loaded denoiser); stateless ones are
+        shared."""
+        return self
+
+    def training_scheduler(self, config: dict[str, Any]):
+        """The forward process of training, from the model's scheduler config."""
+        from diffusers import DDPMScheduler
+        return DDPMScheduler.from_config(config)
+
+    def load_parts(self, ref: str, revision: str | None, variant: str | None, use_safetensors: bool | None,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
         """{"unet", "vae", text encoders..., tokenizers...} of a local diffusers folder or hub id."""
         raise NotImplementedError
 
@@ -96,6 +109,15 @@ class Family:
         pipe = cls(**{k: parts[k] for k in ("unet", "vae", *self.text_encoders, *self.tokenizers)},
                    scheduler=scheduler, **self.pipeline_init_kwargs)
         pipe.set_progress_bar_config(disable=True)
+        return self.with_call_kwargs(pipe)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """Keywords every sampling call of this run passes to the pipeline (SD3: max_sequence_length, so that
+        samples see the conditioning training saw)."""
+        return {}
+
+    def with_call_kwargs(self, pipe):
+        pipe._dreambench_call_kwargs = self.call_kwargs()  # read by dreambench.sampling.generate
         return pipe
 
     def save_lora(self, folder: Path, unet_layers: dict, unet_meta: dict, text_layers: dict[str, dict],
@@ -117,6 +139,26 @@ class Family:
             from dreambench.errors import UserError
             raise UserError(f"method={method} does not apply to model.family={self.name} (it has: "
                             f"{', '.join(self.methods)})")
+
+    # Switches written for the DDPM objective (docs/TOOLBOX.md) that a flow-matching family does not have yet.
+    DDPM_ONLY = (("loss.min_snr_gamma", "min-SNR weighting is defined on DDPM's SNR; use model.flow.loss_weighting"),
+                 ("loss.noise_offset", "not defined for rectified flow here yet"),
+                 ("loss.input_perturbation", "not defined for rectified flow here yet"),
+                 ("model.zero_terminal_snr", "a DDPM schedule fix; rectified flow reaches pure noise at σ = 1"),
+                 ("train.val_loss.every_n_steps", "the validation loss is computed on DDPM timesteps, not yet on σ"),
+                 ("data.buckets", "aspect-ratio buckets are not wired to the flow-matching step yet"))
+
+    def check_config(self, cfg: Any) -> None:
+        """Settings of a run that the family cannot honour: one UserError line before anything loads."""
+        if self.objective == "ddpm":
+            return
+        from omegaconf import OmegaConf
+
+        from dreambench.errors import UserError
+        for key, why in self.DDPM_ONLY:
+            v = OmegaConf.select(cfg, key)
+            if v not in (None, False, 0, 0.0):
+                raise UserError(f"{key}={v} does not apply to model.family={self.name} ({self.objective}): {why}")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"

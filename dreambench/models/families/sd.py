@@ -15,7 +15,7 @@ class SD(Family):
     pipeline_class = "StableDiffusionPipeline"
     pipeline_init_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def load_parts(self, ref, revision, variant, use_safetensors):
+    def load_parts(self, ref, revision, variant, use_safetensors, options=None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
         kw = {"revision": revision, "use_safetensors": use_safetensors}

@@ -25,7 +25,7 @@ class SDXL(Family):
     methods = ("dreambooth", "lora", "textual_inversion")  # TI: a row in both encoders (clip_l, clip_g)
     needs_image_geometry = True
 
-    def load_parts(self, ref, revision, variant, use_safetensors):
+    def load_parts(self, ref, revision, variant, use_safetensors, options=None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
         kw = {"revision": revision, "use_safetensors": use_safetensors}
