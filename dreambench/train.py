@@ -62,6 +62,11 @@ def prepare(cfg: DictConfig) -> Plan:
     return Plan(cfg, run_dir, instance_paths, prior, ref, subject, resume, memory=memory)
 
 
+def model_options(cfg: DictConfig) -> dict[str, Any]:
+    """The family's loading switches (load_components' `options`)."""
+    return {"t5": bool(cfg.model.get("t5", True))}
+
+
 def validate_config(cfg: DictConfig) -> None:
     from hydra.utils import get_class
 
@@ -220,7 +225,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     comps = load_components(plan.model_ref, cfg.model.revision, cfg.model.variant, bool(cfg.model.allow_pickle),
                             cfg.model.prediction_type, cfg.model.get("single_file_config"),
-                            family=str(cfg.model.get("family") or "sd"))
+                            family=str(cfg.model.get("family") or "sd"), options=model_options(cfg))
     log.info("model %s: %s", plan.model_ref, describe(comps))
     identifier = resolve_identifier(str(cfg.data.identifier), comps.tokenizer, int(cfg.seed))
     method = instantiate(cfg.method)

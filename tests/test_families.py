@@ -33,10 +33,11 @@ def build(run_dir: Path, family: str, *extra: str):
 
     from dreambench.models.loading import load_components
     from dreambench.module import DreamBoothModule
-    from dreambench.train import prepare
+    from dreambench.train import model_options, prepare
     cfg = compose(["+experiment=dog", *TINY, MODELS[family], "logger=none", f"paths.run_dir={run_dir}", *extra])
     plan = prepare(cfg)
-    comps = load_components(plan.model_ref, prediction_type=cfg.model.prediction_type, family=cfg.model.family)
+    comps = load_components(plan.model_ref, prediction_type=cfg.model.prediction_type, family=cfg.model.family,
+                            options=model_options(cfg))
     module = DreamBoothModule(comps, cfg, plan.instance_paths, plan.prior, "sks", instantiate(cfg.method))
     module.trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=int(cfg.trainer.max_steps), logger=False,
                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -466,3 +467,40 @@ def test_what_sd3_does_not_have_yet_is_one_line_before_any_model_loads(override,
                    "model.pretrained=/nonexistent/never-loaded"])
     with pytest.raises(UserError, match="does not apply to model.family=sd3"):
         prepare(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_with_t5(tmp_path_factory) -> Path:
+    """The tiny SD 3.5 with a T5 encoder and the project's own T5 tokenizer, saved as a diffusers folder."""
+    from dreambench.models.tiny import build_tiny_sd3_pipeline, ensure_tiny_model, tiny_sd_folder_beside
+    folder = tmp_path_factory.mktemp("sd3t5") / "tiny-sd3-t5"
+    tiny_sd = ensure_tiny_model(tiny_sd_folder_beside(Path(compose(["+experiment=dog", "model=tiny_sd3"])
+                                                           .model.pretrained)))
+    with torch_threads(1):
+        build_tiny_sd3_pipeline(0, tiny_sd, t5=True).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_sd3_with_t5_conditions_on_it_as_diffusers_does_and_reloads(tiny_sd3_with_t5, tmp_path, monkeypatch):
+    """model.t5=true: T5's states appended to the CLIP ones (module = StableDiffusion3Pipeline.encode_prompt with
+    its T5, to 1e-5), the prior-preservation loss by hand, and a run that reloads with its T5."""
+    import diffusers
+    t5 = [f"model.pretrained={tiny_sd3_with_t5}", "model.build_tiny=false", "model.t5=true",
+          "model.max_sequence_length=12"]
+    module, cfg = build(tmp_path / "run", "sd3", "data.batch_size=2", "data.hflip=false", *t5)
+    assert module.text_encoder_3 is not None and module.instance_ids.shape[1] == 3  # CLIP-L, CLIP-G and T5 rows
+    assert module.instance_emb["encoder_hidden_states"].shape[1] == 77 + 12
+    loss, hand, cond, hand_cond = module_and_hand_loss(module, cfg)
+    assert loss == pytest.approx(hand, rel=1e-5) and max_difference(cond, hand_cond) < 1e-5
+    # T5 matters: without it (zeros in its place) the conditioning differs.
+    module_off, _ = build(tmp_path / "off", "sd3", "data.hflip=false", *t5[:2], "model.t5=false",
+                          "model.max_sequence_length=12")
+    assert module_off.text_encoder_3 is None
+    assert not torch.allclose(module_off.instance_emb["encoder_hidden_states"],
+                              module.instance_emb["encoder_hidden_states"], atol=1e-3)
+
+    from dreambench.train import train
+    run = tmp_path / "trained"
+    train(compose(["+experiment=dog", *TINY, "model=tiny_sd3", *t5, f"paths.run_dir={run}", "trainer.max_steps=2"]))
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(run / "model", use_safetensors=True)
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel" and pipe.tokenizer_3 is not None

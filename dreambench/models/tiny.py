@@ -164,10 +164,11 @@ def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
 
 
 @torch.no_grad()
-def build_tiny_sd3_pipeline(seed: int, vae_from: Path):
+def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
     """SD 3.5's parts at model=tiny's size: an MMDiT (SD3Transformer2DModel: 2 joint blocks, patch 2, 4 heads of
     8, pooled width 32 + 32, joint width 64), two CLIP text encoders with projections (CLIP-L / CLIP-G's roles), no
-    T5 (model.t5 has nothing to load: zeros in its place, as the pipeline without text_encoder_3), the
+    T5 by default (model.t5 has nothing to load: zeros in its place, as the pipeline without text_encoder_3;
+    `t5=True` adds a 1-layer T5 encoder of width 64 and the project's own T5 tokenizer), the
     rectified-flow scheduler with SD3's shift 3.0. The VAE is model=tiny's fitted one, reparametrised exactly to
     SD 3.5's latent convention (z - shift) x scale with its shift 0.0609 and scale 1.5305: encoder mean rows
     x k + shift, decoder input (z - shift) / k, k = 0.18215 / 1.5305, so its scaled latents have unit std."""
@@ -196,9 +197,18 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path):
     vae.post_quant_conv.weight /= k
     vae.register_to_config(scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        from transformers import T5Config, T5EncoderModel
+
+        from dreambench.models.tokenizer import build_tiny_t5_tokenizer
+        tokenizer_3 = build_tiny_t5_tokenizer()
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64,
+                                                 num_layers=1, num_heads=4, pad_token_id=0, eos_token_id=1,
+                                                 decoder_start_token_id=0))
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
-                                    text_encoder_2=text_encoder_2, text_encoder_3=None, tokenizer=tokenizer,
-                                    tokenizer_2=tokenizer, tokenizer_3=None)
+                                    text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
+                                    tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=tokenizer_3)
 
 
 def is_built(folder: Path, family: str = "sd") -> bool:

@@ -85,3 +85,33 @@ def build_tiny_tokenizer(save_dir: str | Path | None = None, model_max_length: i
     if save_dir is not None:
         tok.save_pretrained(str(save_dir))
     return tok
+
+
+def build_tiny_t5_tokenizer(save_dir: str | Path | None = None, words: list[str] = WORDS,
+                            model_max_length: int = 512):
+    """A small T5 (SentencePiece-style unigram) tokenizer that the project builds itself, for the T5 slots of SD 3.5
+    and Flux: T5's special tokens at T5's ids (<pad> 0, </s> 1, <unk> 2), "▁word" pieces for `words` and every
+    letter / digit with and without "▁" (so any text still encodes), Metaspace pre-tokenizing, and </s> appended
+    to every sequence as T5's tokenizer does. A `T5TokenizerFast`, saved as tokenizer.json where `save_dir` is
+    given."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    pieces = [f"▁{w}" for w in dict.fromkeys(words)]
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    pieces += [c for c in chars] + [f"▁{c}" for c in chars] + ["▁"]
+    # Log-probabilities: whole words are preferred to spelling them out letter by letter.
+    vocab = [(s, 0.0) for s in specials] + [(p, -1.0 if len(p) > 2 else -8.0) for p in dict.fromkeys(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                         extra_ids=0, model_max_length=model_max_length)
+    if save_dir is not None:
+        t5.save_pretrained(str(save_dir))
+    return t5
