@@ -71,6 +71,7 @@ class DreamBoothModule(L.LightningModule):
         if self.family.objective == "flow_matching":  # SD3: σ of each training timestep (the shifted schedule)
             self.prediction_type = "flow"
             self.flow_cfg = {**FLOW_DEFAULTS, **dict(cfg.model.get("flow") or {})}
+            # Flux: its scheduler's σ are unshifted (use_dynamic_shifting); family.shift_sigmas shifts them per size.
             self.register_buffer("flow_sigmas", components.noise_scheduler.sigmas.clone().float(), persistent=False)
         else:
             self.prediction_type = components.noise_scheduler.config.prediction_type
@@ -393,7 +394,7 @@ class DreamBoothModule(L.LightningModule):
         idx = losses.flow_timestep_indices(latents.shape[0], len(self.flow_sigmas), fc["timestep_sampling"],
                                            float(fc["logit_mean"]), float(fc["logit_std"]), float(fc["mode_scale"]),
                                            g, latents.device)
-        sigmas = self.flow_sigmas[idx]
+        sigmas = self.family.shift_sigmas(self.flow_sigmas[idx], latents.shape, self.components.scheduler_config)
         noisy, target = losses.flow_matching_pair(latents, noise, sigmas)
         t = sigmas * len(self.flow_sigmas)  # the scheduler's timestep values (σ x num_train_timesteps)
         pred = self.denoise(noisy, t, cond)

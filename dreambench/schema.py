@@ -58,6 +58,7 @@ class FlowSchema:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     loss_weighting: str = "none"
+    guidance: float = 3.5
 
 
 @dataclass
@@ -155,7 +156,7 @@ RULES: list[tuple[str, Any, str]] = [
     ("data.batch_size", lambda v: v >= 1, ">= 1"),
     ("data.on_bad_image", lambda v: v in ("error", "skip"), "error or skip"),
     ("model.attention", lambda v: v in ("sdpa", "eager"), "sdpa or eager"),
-    ("model.family", lambda v: v in ("sd", "sdxl", "sd3"), "sd, sdxl or sd3 (dreambench.models.families)"),
+    ("model.family", lambda v: v in ("sd", "sdxl", "sd3", "flux"), "sd, sdxl, sd3 or flux (dreambench.models.families)"),
     ("model.flow.timestep_sampling", lambda v: v in ("logit_normal", "mode", "uniform"), "logit_normal, mode or uniform"),
     ("model.flow.loss_weighting", lambda v: v in ("none", "sigma_sqrt", "cosmap"), "none, sigma_sqrt or cosmap"),
     ("model.flow.logit_std", lambda v: v > 0, "> 0"),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from helpers import TINY, compose, torch_threads
 from PIL import Image
 
-MODELS = {"sd": "model=tiny", "sdxl": "model=tiny_sdxl", "sd3": "model=tiny_sd3"}
+MODELS = {"sd": "model=tiny", "sdxl": "model=tiny_sdxl", "sd3": "model=tiny_sd3", "flux": "model=tiny_flux"}
 
 
 @pytest.fixture(autouse=True)
@@ -90,6 +90,19 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
         noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
         parts = {k: v for k, v in module.parts().items() if k != "unet"}
         pipe = diffusers.StableDiffusion3Pipeline(transformer=module.unet, scheduler=sched, **parts)
+    elif fam.name == "flux":  # rectified flow with Flux's resolution-dependent shift, as its pipeline samples
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(module.components.scheduler_config)
+        u = compute_density_for_timestep_sampling("logit_normal", latents.shape[0], logit_mean=0.0, logit_std=1.0,
+                                                  generator=g)
+        h, w = latents.shape[-2:]
+        mu = calculate_shift((h // 2) * (w // 2), 256, 4096, 0.5, 1.15)
+        sigma = sched.time_shift(mu, 1.0, sched.sigmas[(u * 1000).long()]).view(-1, 1, 1, 1)
+        t = sigma.flatten() * 1000
+        noisy, target = (1 - sigma) * latents + sigma * noise, noise - latents
+        parts = {k: v for k, v in module.parts().items() if k != "unet"}
+        pipe = diffusers.FluxPipeline(transformer=module.unet, scheduler=sched, **parts)
     else:
         t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
         noisy, target = module.noise_scheduler.add_noise(latents, noise, t), noise
@@ -112,6 +125,19 @@ def module_and_hand_loss(module, cfg) -> tuple[float, float, dict, dict]:
                                                    max_sequence_length=int(cfg.model.max_sequence_length))
             cond = {"encoder_hidden_states": emb.repeat(b, 1, 1), "pooled_projections": pooled.repeat(b, 1)}
             pred = module.unet(hidden_states=noisy[sl], timestep=t[sl], return_dict=False, **cond)[0]
+            conds.append(cond)
+        elif fam.name == "flux":
+            emb, pooled, text_ids = pipe.encode_prompt(prompt, None, device="cpu", num_images_per_prompt=1,
+                                                       max_sequence_length=int(cfg.model.max_sequence_length))
+            cond = {"encoder_hidden_states": emb.repeat(b, 1, 1), "pooled_projections": pooled.repeat(b, 1)}
+            c, h, w = noisy.shape[1:]
+            f = pipe.vae_scale_factor
+            out = module.unet(hidden_states=diffusers.FluxPipeline._pack_latents(noisy[sl], b, c, h, w),
+                              timestep=t[sl] / 1000, guidance=torch.full((b,), 3.5), txt_ids=text_ids,
+                              img_ids=diffusers.FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu",
+                                                                                      noisy.dtype),
+                              return_dict=False, **cond)[0]
+            pred = diffusers.FluxPipeline._unpack_latents(out, h * f, w * f, f)
             conds.append(cond)
         else:
             emb, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
@@ -153,10 +179,10 @@ BROKEN = {
     "class half gets the instance's time ids": lambda m, mp: setattr(
         m.class_bank, "geometry", m.instance_bank.geometry[:len(m.class_bank)]),
 }
-APPLIES = {"sd": list(BROKEN)[:2], "sdxl": list(BROKEN), "sd3": list(BROKEN)[:3]}
+APPLIES = {"sd": list(BROKEN)[:2], "sdxl": list(BROKEN), "sd3": list(BROKEN)[:3], "flux": list(BROKEN)[:3]}
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_prior_preservation_loss_is_the_hand_computation_and_each_known_bug_breaks_it(family, tmp_path, monkeypatch):
     module, cfg = build(tmp_path / "run", family, "data.batch_size=2", "data.hflip=false", "prior.weight=0.7")
     loss, hand, cond, hand_cond = module_and_hand_loss(module, cfg)
@@ -458,14 +484,15 @@ def _render_kw(pipe, prompt: str = "a sks dog", seed: int = 0, **kw):
     return np.asarray(out, dtype=np.float64)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize("override", ["loss.min_snr_gamma=5", "loss.noise_offset=0.05", "train.val_loss.every_n_steps=5",
                                       "method=textual_inversion"])
-def test_what_sd3_does_not_have_yet_is_one_line_before_any_model_loads(override, tmp_path):
+def test_what_flow_families_do_not_have_yet_is_one_line_before_any_model_loads(family, override, tmp_path):
     from dreambench.errors import UserError
     from dreambench.train import prepare
-    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", override, f"paths.run_dir={tmp_path / 'r'}",
+    cfg = compose(["+experiment=dog", *TINY, MODELS[family], override, f"paths.run_dir={tmp_path / 'r'}",
                    "model.pretrained=/nonexistent/never-loaded"])
-    with pytest.raises(UserError, match="does not apply to model.family=sd3"):
+    with pytest.raises(UserError, match=f"does not apply to model.family={family}"):
         prepare(cfg)
 
 
@@ -504,3 +531,63 @@ def test_sd3_with_t5_conditions_on_it_as_diffusers_does_and_reloads(tiny_sd3_wit
     train(compose(["+experiment=dog", *TINY, "model=tiny_sd3", *t5, f"paths.run_dir={run}", "trainer.max_steps=2"]))
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(run / "model", use_safetensors=True)
     assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel" and pipe.tokenizer_3 is not None
+
+
+def test_flux_dreambooth_and_lora_export_what_diffusers_loads_and_generate_and_evaluate_use_it(tmp_path):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from dreambench.evaluate import evaluate
+    from dreambench.methods import load_run_pipeline
+    from dreambench.train import train
+    run = tmp_path / "db"
+    cfg = compose(["+experiment=dog", *TINY, "model=tiny_flux", f"paths.run_dir={run}", "trainer.max_steps=3",
+                   "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3", "optimizer.lr=1e-2"])
+    assert train(cfg)["train/loss_prior"] > 0
+    state = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder"}  # CLIP trained, T5 never
+    tuned = FluxPipeline.from_pretrained(run / "model", use_safetensors=True)
+    base = FluxPipeline.from_pretrained(cfg.model.pretrained, use_safetensors=True)
+    kw = {"max_sequence_length": 8}
+    assert abs(_render_kw(tuned, **kw) - _render_kw(base, **kw)).max() > 1e-3
+
+    run = tmp_path / "runs" / "dog-flux"
+    cfg = compose(["+experiment=dog", *TINY, "model=tiny_flux", f"paths.run_dir={run}", "trainer.max_steps=3",
+                   "method=lora", "method.lr=5e-2", "model.train_text_encoder=true"])
+    train(cfg)
+    saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".")[0] for k in saved} == {"transformer", "text_encoder"}
+    before = _render_kw(base, **kw)
+    base.load_lora_weights(str(run / "model"), weight_name="pytorch_lora_weights.safetensors")
+    after = _render_kw(base, **kw)
+    assert abs(after - before).max() > 1e-4
+    ours = load_run_pipeline(run)
+    assert type(ours).__name__ == "FluxPipeline" and ours._dreambench_call_kwargs == kw
+    assert abs(_render_kw(ours, **kw) - after).max() < 1e-5
+
+    from helpers import CONF
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        ecfg = hydra_compose("evaluate", overrides=[
+            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
+            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
+    assert -1.0 <= evaluate(ecfg)["summary"]["eval/clip_t"] <= 1.0
+
+
+def test_flux_training_sigmas_get_the_resolution_dependent_shift():
+    """Flux's scheduler keeps σ unshifted (use_dynamic_shifting); training shifts them by μ of the packed sequence
+    length, as FluxPipeline does when sampling at that size: more noise at larger sizes, none of it at σ = 0, 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dreambench.models.families import get_family
+    fam = get_family("flux")
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    cfg = dict(sched.config)
+    s = torch.tensor([0.25, 0.5, 0.75])
+    small, large = fam.shift_sigmas(s, (1, 16, 64, 64), cfg), fam.shift_sigmas(s, (1, 16, 128, 128), cfg)
+    assert (small > s).all() and (large > small).all()
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (32 * 32 - 256)  # 64² latents -> 32² packed tokens
+    torch.testing.assert_close(small, torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + 1 / s - 1))
+    assert torch.equal(get_family("sd3").shift_sigmas(s, (1, 16, 64, 64), cfg), s)  # SD 3.5: shift in its schedule

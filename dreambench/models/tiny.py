@@ -21,7 +21,9 @@ from dreambench.models.tokenizer import build_tiny_tokenizer
 TINY_VERSION = 7  # bump when the architecture or construction changes: the folder name carries it
 TINY_SDXL_VERSION = 1  # the same for model=tiny_sdxl (conf/model/tiny_sdxl.yaml)
 TINY_SD3_VERSION = 1  # and model=tiny_sd3 (conf/model/tiny_sd3.yaml)
-VERSIONS = {"sd": TINY_VERSION, "sdxl": TINY_SDXL_VERSION, "sd3": TINY_SD3_VERSION}
+TINY_FLUX_VERSION = 1  # and model=tiny_flux (conf/model/tiny_flux.yaml)
+VERSIONS = {"sd": TINY_VERSION, "sdxl": TINY_SDXL_VERSION, "sd3": TINY_SD3_VERSION, "flux": TINY_FLUX_VERSION}
+FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR = 0.3611, 0.1159  # FLUX.1's VAE config
 SDXL_SCALING_FACTOR = 0.13025
 SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR = 1.5305, 0.0609  # SD 3.5's VAE config
 SD_SCALING_FACTOR = 0.18215
@@ -187,15 +189,7 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
                                         num_layers=2, attention_head_dim=8, num_attention_heads=4,
                                         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
                                         pos_embed_max_size=16)
-    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", use_safetensors=True)
-    k = SD_SCALING_FACTOR / SD3_SCALING_FACTOR
-    c = vae.config.latent_channels
-    vae.quant_conv.weight[:c] *= k
-    vae.quant_conv.bias[:c] = vae.quant_conv.bias[:c] * k + SD3_SHIFT_FACTOR
-    w = vae.post_quant_conv.weight  # [c, c, 1, 1]: z = (z' - shift) / k
-    vae.post_quant_conv.bias -= (w[:, :, 0, 0].sum(dim=1) * SD3_SHIFT_FACTOR / k)
-    vae.post_quant_conv.weight /= k
-    vae.register_to_config(scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
+    vae = shifted_vae(vae_from, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     text_encoder_3 = tokenizer_3 = None
     if t5:
@@ -209,6 +203,55 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
                                     text_encoder_2=text_encoder_2, text_encoder_3=text_encoder_3,
                                     tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=tokenizer_3)
+
+
+@torch.no_grad()
+def shifted_vae(vae_from: Path, scale: float, shift: float) -> AutoencoderKL:
+    """model=tiny's fitted VAE reparametrised exactly to a (z - shift) x scale latent convention (SD 3.5, Flux):
+    encoder mean rows x k + shift, decoder input (z - shift) / k, k = 0.18215 / scale, so the scaled latents keep
+    unit std."""
+    vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", use_safetensors=True)
+    k = SD_SCALING_FACTOR / scale
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] = vae.quant_conv.bias[:c] * k + shift
+    w = vae.post_quant_conv.weight  # [c, c, 1, 1]: z = (z' - shift) / k
+    vae.post_quant_conv.bias -= (w[:, :, 0, 0].sum(dim=1) * shift / k)
+    vae.post_quant_conv.weight /= k
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    return vae
+
+
+@torch.no_grad()
+def build_tiny_flux_pipeline(seed: int, vae_from: Path):
+    """FLUX.1-dev's parts at model=tiny's size: a FluxTransformer2DModel (1 double- and 1 single-stream block, 2
+    heads of 16, rotary axes 4 + 4 + 8, a guidance embedding, 16 input channels = 4 latent channels packed 2 x 2),
+    CLIP-L's role (its pooled output, width 32) and a 1-layer T5 (width 32) with the project's own T5 tokenizer,
+    Flux's scheduler (dynamic, resolution-dependent shift) and latent convention (z - 0.1159) x 0.3611 on
+    model=tiny's fitted VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from dreambench.models.tokenizer import build_tiny_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    tokenizer_2 = build_tiny_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    vae = shifted_vae(vae_from, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
 def is_built(folder: Path, family: str = "sd") -> bool:
@@ -235,8 +278,9 @@ def ensure_tiny_model(folder: str | Path, seed: int = 0, family: str = "sd") -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        if family in ("sdxl", "sd3"):  # model=tiny's fitted VAE, from its folder beside this one (built if missing)
-            build = build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_sd3_pipeline
+        if family != "sd":  # model=tiny's fitted VAE, from its folder beside this one (built there if missing)
+            build = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline,
+                     "flux": build_tiny_flux_pipeline}[family]
             pipe = build(seed, ensure_tiny_model(tiny_sd_folder_beside(folder), seed))
         else:
             pipe = build_tiny_pipeline(seed)

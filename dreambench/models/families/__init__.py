@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from dreambench.models.families.base import Cond, Family, cond_cat, cond_float, cond_take, cond_to, cond_where
+from dreambench.models.families.flux import Flux
 from dreambench.models.families.sd import SD
 from dreambench.models.families.sd3 import SD3
 from dreambench.models.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD(), SDXL(), SD3(), Flux())}
 # model_index.json's _class_name -> family (a folder says what it is; a mismatch with model.family is an error).
 BY_PIPELINE = {f.pipeline_class: f.name for f in FAMILIES.values()}
 

@@ -71,6 +71,11 @@ class Family:
         shared."""
         return self
 
+    def shift_sigmas(self, sigmas: torch.Tensor, latent_shape: Sequence[int], config: dict[str, Any]) -> torch.Tensor:
+        """Flow-matching families: σ as training uses it at this latent size (Flux: the resolution-dependent
+        shift); SD 3.5's shift is already in its scheduler's schedule."""
+        return sigmas
+
     def training_scheduler(self, config: dict[str, Any]):
         """The forward process of training, from the model's scheduler config."""
         from diffusers import DDPMScheduler

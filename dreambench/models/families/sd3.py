@@ -21,6 +21,14 @@ from dreambench.models.families.base import Cond, Family
 CLIP_LEN = 77
 
 
+def stack_token_rows(rows: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
+    """Token ids of several tokenizers ([B, L_k] each) as one tensor [B, n, max L_k], each row padded with its own
+    pad id (encode slices each back to its length): one tensor, so caption dropout, batching and the validation set
+    treat every family's ids alike."""
+    n = max(r.shape[-1] for r in rows)
+    return torch.stack([F.pad(r, (0, n - r.shape[-1]), value=p) for r, p in zip(rows, pads)], dim=1)
+
+
 class SD3(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
@@ -85,9 +93,7 @@ class SD3(Family):
         if t5 is not None:
             rows.append(t5(list(prompts), padding="max_length", max_length=max_sequence_length, truncation=True,
                            add_special_tokens=True, return_tensors="pt").input_ids)
-        n = max(r.shape[-1] for r in rows)
-        pads = [tokenizers[k].pad_token_id for k in range(len(rows))]
-        return torch.stack([F.pad(r, (0, n - r.shape[-1]), value=p) for r, p in zip(rows, pads)], dim=1)
+        return stack_token_rows(rows, [tokenizers[k].pad_token_id for k in range(len(rows))])
 
     def encode(self, text_encoders, ids: torch.Tensor) -> Cond:
         max_sequence_length, joint_attention_dim = self.max_sequence_length, self.joint_attention_dim
