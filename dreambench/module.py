@@ -129,6 +129,7 @@ class DreamBoothModule(L.LightningModule):
             make_render=lambda: self._render_fn(guidance), rank=trainer.global_rank,
             world_size=trainer.world_size, barrier=trainer.strategy.barrier,
             progress=trainer.is_global_zero and cfg.get("progress", True),
+            pipeline_kwargs=self.family.call_kwargs(),
         )
         # Class images come from the base model: made here, before any step and before a checkpoint is
         # restored (Lightning restores after setup), so a resumed run never renders them from tuned weights.

@@ -591,3 +591,19 @@ def test_flux_training_sigmas_get_the_resolution_dependent_shift():
     mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (32 * 32 - 256)  # 64² latents -> 32² packed tokens
     torch.testing.assert_close(small, torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + 1 / s - 1))
     assert torch.equal(get_family("sd3").shift_sigmas(s, (1, 16, 64, 64), cfg), s)  # SD 3.5: shift in its schedule
+
+
+def test_class_image_key_holds_the_familys_sampling_keywords(tmp_path):
+    """SD 3.5 / Flux class images depend on model.max_sequence_length (T5's slot): it is in their cache key; SD's
+    and SDXL's keys, which have no such keyword, are what they were before."""
+    from dreambench.prior.cache import ClassImageSpec, cache_key
+    base = dict(model={"m": 1}, prompt="a dog", negative_prompt="", scheduler="DDIMScheduler")
+    assert "pipeline_kwargs" not in ClassImageSpec(**base).as_dict()
+    k8 = cache_key(ClassImageSpec(**base, pipeline_kwargs={"max_sequence_length": 8}))
+    assert k8 != cache_key(ClassImageSpec(**base, pipeline_kwargs={"max_sequence_length": 16}))
+    assert k8 != cache_key(ClassImageSpec(**base))
+    module, _ = build(tmp_path / "run", "sd3")
+    spec = module.prior.spec(type("Ctx", (), {"guidance": dict(module.run_cfg.guidance), "model_identity": {},
+                                              "class_prompt": "a dog", "scheduler_config": {}, "resolution": 32,
+                                              "pipeline_kwargs": module.family.call_kwargs()})())
+    assert spec.pipeline_kwargs == {"max_sequence_length": 8}

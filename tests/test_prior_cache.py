@@ -15,7 +15,8 @@ BASE = ClassImageSpec(model={"ref": "/models/sd15", "digest": "abc"}, prompt="a 
                       guidance_scale=7.5, height=32, width=32, seed=0, count=3)
 CHANGES = {"model": {"ref": "/models/sd21", "digest": "abc"}, "prompt": "a cat", "negative_prompt": "blurry",
            "scheduler": "EulerDiscreteScheduler", "scheduler_config": {"beta_end": 0.02}, "num_inference_steps": 25,
-           "guidance_scale": 5.0, "height": 64, "width": 64, "seed": 1, "count": 4, "guidance_rescale": 0.7}
+           "guidance_scale": 5.0, "height": 64, "width": 64, "seed": 1, "count": 4, "guidance_rescale": 0.7,
+           "pipeline_kwargs": {"max_sequence_length": 77}}
 
 
 class Renderer:

@@ -38,11 +38,15 @@ class ClassImageSpec:
     seed: int = 0
     count: int = 200
     guidance_rescale: float = 0.0  # guidance.guidance_rescale (Lin et al. 2024 §3.4)
+    # The model family's own sampling keywords (SD 3.5 / Flux: max_sequence_length, which changes the conditioning).
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if not d["guidance_rescale"]:  # off: the key (and so every existing cache folder) is what it was before
             del d["guidance_rescale"]
+        if not d["pipeline_kwargs"]:  # SD / SDXL: none, and their keys stay what they were
+            del d["pipeline_kwargs"]
         return json.loads(json.dumps(d, sort_keys=True, default=str))
 
     def image_seed(self, i: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class PriorContext:
     world_size: int = 1
     barrier: Callable[[], None] = lambda: None
     progress: bool = True
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # the family's sampling keywords (SD 3.5, Flux)
 
 
 class NoPrior:
@@ -73,7 +74,7 @@ class GeneratedPrior:
             scheduler=g["scheduler"], scheduler_config=ctx.scheduler_config,
             num_inference_steps=int(g["num_inference_steps"]), guidance_scale=float(g["guidance_scale"]),
             height=ctx.resolution, width=ctx.resolution, seed=self.seed, count=self.num_images,
-            guidance_rescale=float(g.get("guidance_rescale") or 0.0))
+            guidance_rescale=float(g.get("guidance_rescale") or 0.0), pipeline_kwargs=dict(ctx.pipeline_kwargs))
 
     def class_images(self, ctx: PriorContext) -> list[Path]:
         spec = self.spec(ctx)
