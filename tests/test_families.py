@@ -607,3 +607,29 @@ def test_class_image_key_holds_the_familys_sampling_keywords(tmp_path):
                                               "class_prompt": "a dog", "scheduler_config": {}, "resolution": 32,
                                               "pipeline_kwargs": module.family.call_kwargs()})())
     assert spec.pipeline_kwargs == {"max_sequence_length": 8}
+
+
+@pytest.mark.parametrize("recipe,family,expect", [
+    ("lora_sd35", "sd3", {"method.lr": 4e-4, "method.rank": 4, "trainer.accumulate_grad_batches": 4,
+                          "trainer.max_steps": 500, "data.resolution": 512, "model.max_sequence_length": 77}),
+    ("lora_flux", "flux", {"method.lr": 1e-4, "method.rank": 16, "method.alpha": 16, "trainer.max_steps": 2000,
+                           "model.flow.guidance": 1.0, "train.ema.decay": 0.99, "data.caption_dropout": 0.05,
+                           "model.gradient_checkpointing": True}),
+])
+def test_flow_family_lora_recipes_are_their_peers_settings_and_run_on_the_tiny_models(recipe, family, expect,
+                                                                                      tmp_path):
+    """conf/recipe/lora_sd35.yaml (diffusers' README_sd3.md) and lora_flux.yaml (ai-toolkit's Flux LoRA example,
+    diffusers' README_flux.md): the values their comments cite, prior preservation kept, and one short run each on
+    the tiny model of the family."""
+    from omegaconf import OmegaConf
+
+    from dreambench.train import train
+    cfg = compose(["+experiment=dog", f"+recipe={recipe}"])
+    assert cfg.model.family == family and cfg.method._target_ == "dreambench.methods.LoRA" and cfg.prior.weight == 1
+    for key, value in expect.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    tiny = MODELS[family].split("=")[1]
+    m = train(compose(["+experiment=dog", f"+recipe={recipe}", *TINY, f"model={tiny}", "trainer.max_steps=2",
+                       "trainer.accumulate_grad_batches=1", "data.resolution=32", "model.max_sequence_length=8",
+                       f"paths.run_dir={tmp_path / 'run'}"]))
+    assert m["steps"] == 2 and m["train/loss_prior"] > 0
