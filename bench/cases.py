@@ -413,25 +413,33 @@ def case_full_size(s: Settings) -> list[dict[str, Any]]:
     return rows
 
 
-ARCHITECTURES = {  # bench/architectures: full-size configs, by diffusers component name
-    "SD 1.5": (512, {"unet": "sd15_unet", "text_encoder": "sd15_text", "vae": "sd15_vae"}),
-    "SDXL": (1024, {"unet": "sdxl_unet", "text_encoder": "sdxl_text1", "text_encoder_2": "sdxl_text2",
-                    "vae": "sdxl_vae"}),
+ARCHITECTURES = {  # bench/architectures: full-size configs, by diffusers component name; (px, T5 tokens, files)
+    "SD 1.5": (512, 77, {"unet": "sd15_unet", "text_encoder": "sd15_text", "vae": "sd15_vae"}),
+    "SDXL": (1024, 77, {"unet": "sdxl_unet", "text_encoder": "sdxl_text1", "text_encoder_2": "sdxl_text2",
+                        "vae": "sdxl_vae"}),
+    "SD 3.5 medium": (1024, 256, {"transformer": "sd35m_transformer", "text_encoder": "clip_l_proj_text",
+                                  "text_encoder_2": "sdxl_text2", "text_encoder_3": "t5xxl_encoder",
+                                  "vae": "sd35_vae"}),
+    "SD 3.5 large": (1024, 256, {"transformer": "sd35l_transformer", "text_encoder": "clip_l_proj_text",
+                                 "text_encoder_2": "sdxl_text2", "text_encoder_3": "t5xxl_encoder", "vae": "sd35_vae"}),
+    "FLUX.1-dev": (1024, 512, {"transformer": "flux_dev_transformer", "text_encoder": "sd15_text",
+                               "text_encoder_2": "t5xxl_encoder", "vae": "flux_vae"}),
 }
 
 
 def case_memory_plan() -> list[dict[str, Any]]:
-    """The planner's estimates (no GPU needed: meta-device traces) for full-size SD 1.5 at 512² and SDXL at 1024²,
+    """The planner's estimates (no GPU needed: meta-device traces) for full-size SD 1.5 at 512², SDXL, SD 3.5 and
+    FLUX.1-dev at 1024²,
     1 + 1 prior batch, bf16-mixed, frozen parts in bf16, DreamBooth with each rung of the switch ladder, and
     which of a 24 / 48 / 80 GB card each fits (README: which model, which card)."""
     from dreambench.memory import CARDS_GB, GB, switch_ladder
     from dreambench.methods import DreamBooth
     rows = []
-    for model, (res, files) in ARCHITECTURES.items():
+    for model, (res, tokens, files) in ARCHITECTURES.items():
         configs = {k: json.loads((ARCH / f"{n}.json").read_text()) for k, n in files.items()}
         t0 = time.perf_counter()
         ladder = switch_ladder(configs, DreamBooth(), resolution=res, precision="bf16-mixed",
-                               frozen_dtype=torch.bfloat16, device="cuda")
+                               frozen_dtype=torch.bfloat16, device="cuda", max_sequence_length=tokens)
         plan_s = (time.perf_counter() - t0) / len(ladder)
         for label, overrides, e in ladder:
             rows.append({"case": f"memory plan ({model}, {res}², 1 + 1)", "variant": label, "unit": "GB (estimate)",

@@ -82,18 +82,29 @@ def read_configs(model_ref: str, revision: str | None = None) -> dict[str, dict[
     """The three config.json files of a diffusers folder or hub repo (a few KB each; hub files come from the
     local hub cache when there is no network)."""
     out = {}
-    for sub in ("unet", "text_encoder", "vae", "text_encoder_2"):
+    optional = ("unet", "transformer", "text_encoder_2", "text_encoder_3")  # which exist depends on the family
+    for sub in ("unet", "transformer", "text_encoder", "vae", "text_encoder_2", "text_encoder_3"):
         p = Path(model_ref).expanduser() / sub / "config.json"
         if not p.is_file():
             from huggingface_hub import hf_hub_download
             try:
                 p = Path(hf_hub_download(model_ref, f"{sub}/config.json", revision=revision))
-            except Exception:  # only SDXL has a second text encoder (a hub lookup that fails)
-                if sub == "text_encoder_2":
+            except Exception:  # a component this family does not have (a hub lookup that fails)
+                if sub in optional:
                     continue
                 raise
         out[sub] = json.loads(p.read_text())
+    if "unet" not in out and "transformer" not in out:
+        raise FileNotFoundError(f"{model_ref}: neither unet/ nor transformer/ config.json")
     return out
+
+
+def config_family(configs: dict[str, dict[str, Any]]) -> str:
+    """The model family a set of component configs describes."""
+    if "transformer" in configs:
+        return "flux" if str(configs["transformer"].get("_class_name", "")).startswith("Flux") or \
+            "num_single_layers" in configs["transformer"] else "sd3"
+    return "sdxl" if "text_encoder_2" in configs else "sd"
 
 
 def meta_modules(configs: dict[str, dict[str, Any]]):
@@ -105,28 +116,43 @@ def meta_modules(configs: dict[str, dict[str, Any]]):
     def clean(c):  # config.json files carry bookkeeping keys (_class_name, _diffusers_version) the constructors refuse
         return {k: v for k, v in c.items() if not k.startswith("_")}
 
-    def text_config(c):
-        return CLIPTextConfig(**{k: v for k, v in clean(c).items() if k not in (
-            "architectures", "torch_dtype", "dtype", "transformers_version", "model_type")})
+    def text_kw(c):
+        return {k: v for k, v in clean(c).items() if k not in (
+            "architectures", "torch_dtype", "dtype", "transformers_version", "model_type")}
+    family = config_family(configs)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(clean(configs["unet"]))
         vae = AutoencoderKL.from_config(clean(configs["vae"]))
-        text_encoders = {"text_encoder": CLIPTextModel(text_config(configs["text_encoder"]))}
-        if "text_encoder_2" in configs:
-            text_encoders["text_encoder_2"] = CLIPTextModelWithProjection(text_config(configs["text_encoder_2"]))
+        if family in ("sd", "sdxl"):
+            unet = UNet2DConditionModel.from_config(clean(configs["unet"]))
+        else:
+            import diffusers
+            cls = diffusers.FluxTransformer2DModel if family == "flux" else diffusers.SD3Transformer2DModel
+            unet = cls.from_config(clean(configs["transformer"]))
+        # SD 1.x / Flux: CLIPTextModel first; SDXL: a projection on the second; SD 3.5: on both.
+        first = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
+        text_encoders = {"text_encoder": first(CLIPTextConfig(**text_kw(configs["text_encoder"])))}
+        for name in ("text_encoder_2", "text_encoder_3"):
+            if name not in configs:
+                continue
+            kw = text_kw(configs[name])
+            if "d_model" in kw:  # T5 (Flux's text_encoder_2, SD 3.5's text_encoder_3)
+                from transformers import T5Config, T5EncoderModel
+                text_encoders[name] = T5EncoderModel(T5Config(**kw))
+            else:
+                text_encoders[name] = CLIPTextModelWithProjection(CLIPTextConfig(**kw))
     return unet, text_encoders, vae
 
 
 class _Stub(torch.nn.Module):
     """What a method's prepare/param_groups see of the LightningModule: the trainable components."""
 
-    def __init__(self, unet, text_encoders: dict[str, torch.nn.Module], vae, **context):
+    def __init__(self, unet, text_encoders: dict[str, torch.nn.Module], vae, family: str = "sd", **context):
         super().__init__()
         self.unet, self.vae = unet, vae
         for name, te in text_encoders.items():
             setattr(self, name, te)
         from dreambench.models.families import get_family
-        self.family = get_family("sdxl" if "text_encoder_2" in text_encoders else "sd")
+        self.family = get_family(family)
         self.train_text_encoder = False
         for k, v in context.items():  # e.g. tokenizer, identifier, run_cfg (textual inversion adds a token)
             setattr(self, k, v)
@@ -137,13 +163,13 @@ class _Stub(torch.nn.Module):
 
 
 def trainable_parameters(method: Any, unet, text_encoders: dict[str, torch.nn.Module], vae,
-                         context: dict[str, Any] | None = None) -> tuple[int, bool, list[str]]:
+                         context: dict[str, Any] | None = None, family: str = "sd") -> tuple[int, bool, list[str]]:
     """(trainable parameter count, text encoder in the graph with grad?, notes), from the method's own code."""
     unet.requires_grad_(False)
     for te in text_encoders.values():
         te.requires_grad_(False)
     vae.requires_grad_(False)
-    stub = _Stub(unet, text_encoders, vae, **(context or {}))
+    stub = _Stub(unet, text_encoders, vae, family=family, **(context or {}))
     te_params = [p for te in text_encoders.values() for p in te.parameters()]
     try:
         method.prepare(stub)
@@ -178,8 +204,9 @@ class _FlashLikeSDPA(torch.autograd.Function):
         raise NotImplementedError
 
 
-def _sdpa_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    return _FlashLikeSDPA.apply(q, k, v)
+def _sdpa_stand_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    # Named as torch's own arguments: diffusers' attention dispatch (Flux) passes them by keyword.
+    return _FlashLikeSDPA.apply(query, key, value)
 
 
 @contextlib.contextmanager
@@ -237,6 +264,48 @@ def unet_activation_bytes(unet, text_cfg: dict[str, Any], batch: int, latent_hw:
         return saved_activation_bytes(lambda: unet(x, t, cond, added_cond_kwargs=added), list(unet.parameters()))
 
 
+def transformer_activation_bytes(family: str, model, batch: int, latent_hw: int, dtype: torch.dtype,
+                                 gradient_checkpointing: bool, attention: str, cond_requires_grad: bool,
+                                 max_sequence_length: int) -> int:
+    """unet_activation_bytes for the transformer families, with the inputs their training step gives them: SD 3.5's
+    MMDiT on [B, C, h, w] latents and 77 CLIP + `max_sequence_length` T5 tokens; Flux on (h/2)(w/2) packed tokens,
+    `max_sequence_length` T5 tokens, rotary ids and the guidance value."""
+    from diffusers.utils import logging as dlog
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        model.to(dtype=dtype)
+    finally:
+        dlog.set_verbosity(level)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    c = model.config
+
+    def empty(*shape, grad=False):
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
+    t = torch.zeros(batch, device="meta", dtype=dtype)
+    pooled = empty(batch, c.pooled_projection_dim)
+    if family == "sd3":
+        x = empty(batch, c.in_channels, latent_hw, latent_hw)
+        ctx = empty(batch, 77 + max_sequence_length, c.joint_attention_dim, grad=cond_requires_grad)
+
+        def fn():
+            return model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
+    else:
+        n = (latent_hw // 2) ** 2
+        x = empty(batch, n, c.in_channels)
+        ctx = empty(batch, max_sequence_length, c.joint_attention_dim, grad=cond_requires_grad)
+        img_ids, txt_ids = empty(n, 3), empty(max_sequence_length, 3)
+        guidance = empty(batch) if c.guidance_embeds else None
+
+        def fn():
+            return model(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=pooled,
+                         encoder_hidden_states=ctx, txt_ids=txt_ids, img_ids=img_ids)
+    sdpa = _fused_sdpa() if attention == "sdpa" else contextlib.nullcontext()
+    with sdpa, torch.enable_grad():
+        return saved_activation_bytes(fn, list(model.parameters()))
+
+
 # ---- the estimate ----------------------------------------------------------------------------------------------
 def _nbytes(n: int, dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
@@ -246,26 +315,34 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
              prior: bool = True, precision: str = "32-true", gradient_checkpointing: bool = False,
              optimizer: str = "AdamW", attention: str = "sdpa", frozen_dtype: torch.dtype | None = None,
              device: str = "cpu", capacity: int | None = None, context: dict[str, Any] | None = None,
-             ema: bool = False) -> MemoryEstimate:
+             ema: bool = False, t5: bool = True, max_sequence_length: int = 256) -> MemoryEstimate:
     """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
     `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained);
-    `ema`: an EMA copy of the trained weights on the device (train.ema with device=same)."""
+    `ema`: an EMA copy of the trained weights on the device (train.ema with device=same); `t5`: SD 3.5's T5 loaded
+    (model.t5); `max_sequence_length`: T5 tokens (SD 3.5, Flux)."""
+    family = config_family(configs)
+    if not t5 and family == "sd3":
+        configs = {k: v for k, v in configs.items() if k != "text_encoder_3"}
     unet, text_encoders, vae = meta_modules(configs)
-    params = {"unet": sum(p.numel() for p in unet.parameters()),
+    denoiser = "unet" if family in ("sd", "sdxl") else "transformer"
+    params = {denoiser: sum(p.numel() for p in unet.parameters()),
               **{n: sum(p.numel() for p in te.parameters()) for n, te in text_encoders.items()},
               "vae": sum(p.numel() for p in vae.parameters())}
-    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoders, vae, context)
+    trainable, te_grad, notes = trainable_parameters(method, unet, text_encoders, vae, context, family)
     mixed = "mixed" in str(precision)
     half = torch.bfloat16 if "bf16" in str(precision) else torch.float16
     true_half = str(precision) in ("bf16-true", "16-true", "bf16", "16")
     master = half if true_half else torch.float32
     frozen = frozen_dtype or master
-    # Trained weights in the master dtype; the UNet's frozen part (an adapter method's base) too, since the
-    # module keeps the UNet whole; the VAE and a frozen text encoder in `frozen` dtype.
+    # Trained weights in the master dtype; the VAE, frozen text encoders and (under mixed precision) an adapter
+    # method's frozen base in `frozen` dtype; a denoiser that is wholly frozen (textual inversion) stays as loaded.
     weights = 0
-    for name, comp in (("unet", unet), *text_encoders.items(), ("vae", vae)):
+    den = list(unet.parameters())
+    # An adapter method's frozen base is cast to the frozen dtype under mixed precision (speed.cast_adapter_base).
+    adapter_base = mixed and any(p.requires_grad for p in den) and not all(p.requires_grad for p in den)
+    for name, comp in ((denoiser, unet), *text_encoders.items(), ("vae", vae)):
         for p in comp.parameters():
-            dt = master if (p.requires_grad or name == "unet") else frozen
+            dt = master if (p.requires_grad or (name == denoiser and not adapter_base)) else frozen
             weights += _nbytes(p.numel(), dt)
     grads = _nbytes(trainable, master)
     state = OPTIMIZER_STATE_BYTES.get(optimizer)
@@ -283,6 +360,9 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
     b = int(batch_size) * (2 if prior else 1)
 
     def act(dt):
+        if denoiser == "transformer":
+            return transformer_activation_bytes(family, unet, b, hw, dt, gradient_checkpointing, attention, te_grad,
+                                                int(max_sequence_length))
         return unet_activation_bytes(unet, configs["text_encoder"], b, hw, dt, gradient_checkpointing, attention,
                                      te_grad)
     activations = (act(torch.float32) + act(half)) // 2 if mixed else act(master)
@@ -309,6 +389,8 @@ SWITCH_LADDER: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = (
     ("LoRA", ("method=lora",), {"method": "lora"}),
     ("LoRA + gradient checkpointing", ("method=lora", "model.gradient_checkpointing=true"),
      {"method": "lora", "gradient_checkpointing": True}),
+    ("LoRA + gradient checkpointing, T5 off", ("method=lora", "model.gradient_checkpointing=true", "model.t5=false"),
+     {"method": "lora", "gradient_checkpointing": True, "t5": False}),
 )
 
 
@@ -328,6 +410,8 @@ def switch_ladder(configs: dict[str, dict[str, Any]], method: Any, **kw: Any
             continue
         if change.get("method") == "lora" and getattr(method, "name", "") == "lora":
             continue
+        if "t5" in change and ("text_encoder_3" not in configs or not kw.get("t5", True)):
+            continue  # only SD 3.5 can leave its T5 out
         m = default_lora() if change.get("method") == "lora" else method
         args = {**kw, **{k: v for k, v in change.items() if k != "method"}}
         out.append((label, overrides, estimate(configs, m, **args)))
@@ -347,9 +431,6 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
     overrides the detected device memory (bytes; tests, or a share of a larger card)."""
     if not cfg.get("memory", {}).get("plan", True):
         return None
-    if str(cfg.model.get("family") or "sd") not in ("sd", "sdxl"):  # the planner traces a UNet
-        log.info("memory plan: not yet for model.family=%s (UNet families only)", cfg.model.get("family"))
-        return None
     try:
         configs = read_configs(model_ref, cfg.model.revision)
     except Exception as e:  # noqa: BLE001 - a planner must never stop a run it cannot plan
@@ -368,7 +449,7 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
                        gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=opt,
                        attention=str(cfg.model.get("attention", "sdpa")), frozen_dtype=frozen,
                        device=device, capacity=cap, context=_method_context(cfg, model_ref, method),
-                       ema=_ema_on_device(cfg))
+                       ema=_ema_on_device(cfg), **_family_args(cfg))
     except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
         log.warning("memory plan skipped: %s: %s", e.__class__.__name__, str(e).splitlines()[0] if str(e) else "")
         return None
@@ -385,7 +466,8 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
                                    precision=precision, gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
                                    optimizer=opt, attention=str(cfg.model.get("attention", "sdpa")),
                                    frozen_dtype=frozen, device=device, capacity=cap,
-                                   context=_method_context(cfg, model_ref, method), ema=_ema_on_device(cfg))
+                                   context=_method_context(cfg, model_ref, method), ema=_ema_on_device(cfg),
+                                   **_family_args(cfg))
             fitting = [f"{' '.join(o)} (~{human(e.total)})" for _, o, e in ladder[1:] if e.fits]
         except Exception as e:  # noqa: BLE001 - the advice must not hide the error it advises on
             log.debug("memory plan: switch ladder failed (%s)", e)
@@ -398,6 +480,10 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
             f"(resolution {cfg.data.resolution}, batch {cfg.data.batch_size}, precision {precision}){advice} "
             f"(memory.plan=false skips this check)")
     return est
+
+
+def _family_args(cfg: Any) -> dict[str, Any]:
+    return {"t5": bool(cfg.model.get("t5", True)), "max_sequence_length": int(cfg.model.get("max_sequence_length") or 256)}
 
 
 def _ema_on_device(cfg: Any) -> bool:

@@ -633,3 +633,35 @@ def test_flow_family_lora_recipes_are_their_peers_settings_and_run_on_the_tiny_m
                        "trainer.accumulate_grad_batches=1", "data.resolution=32", "model.max_sequence_length=8",
                        f"paths.run_dir={tmp_path / 'run'}"]))
     assert m["steps"] == 2 and m["train/loss_prior"] > 0
+
+
+def test_lora_base_is_cast_to_the_frozen_dtype_under_mixed_precision_and_adapters_stay_fp32(tmp_path):
+    """model.frozen_dtype applies to a LoRA run's frozen denoiser base under mixed precision (as diffusers' LoRA
+    scripts cast the base to the weight dtype): base bf16, adapters fp32, the step finite, the exported adapters
+    fp32; the planner counts the base at 2 bytes a parameter."""
+    from safetensors.torch import load_file
+
+    from dreambench.train import train
+    seen = {}
+    from dreambench.module import DreamBoothModule
+    original = DreamBoothModule.on_train_start
+
+    def spy(self):
+        seen["base"] = {p.dtype for p in self.unet.parameters() if not p.requires_grad}
+        seen["adapters"] = {p.dtype for p in self.unet.parameters() if p.requires_grad}
+        return original(self)
+    DreamBoothModule.on_train_start = spy
+    try:
+        run = tmp_path / "run"
+        m = train(compose(["+experiment=dog", *TINY, "model=tiny_sdxl", "method=lora", "trainer.precision=bf16-mixed",
+                           "model.frozen_dtype=bf16", "trainer.max_steps=2", f"paths.run_dir={run}"]))
+    finally:
+        DreamBoothModule.on_train_start = original
+    assert seen == {"base": {torch.bfloat16}, "adapters": {torch.float32}}
+    assert m["train/loss"] == m["train/loss"]  # finite
+    assert {v.dtype for v in load_file(str(run / "model" / "pytorch_lora_weights.safetensors")).values()} == {
+        torch.float32}
+    plan = m["memory_plan"]["parts_gb"]
+    full = train(compose(["+experiment=dog", *TINY, "model=tiny_sdxl", "method=lora", "trainer.max_steps=0",
+                          f"paths.run_dir={tmp_path / 'fp32'}"]))["memory_plan"]["parts_gb"]
+    assert plan["weights"] < full["weights"]  # bf16 base and frozen parts vs fp32 everywhere
