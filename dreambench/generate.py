@@ -60,8 +60,9 @@ def fill_prompts(prompts, facts: dict) -> list[str]:
 
 def generate_from_run(cfg: DictConfig) -> Path:
     import torch
+
     from dreambench.methods import load_run_pipeline
-    from dreambench.methods.runs import load_pipeline_folder
+    from dreambench.methods.runs import load_pipeline_folder, with_run_call_kwargs
     from dreambench.sampling import generate, image_grid, make_scheduler
 
     run, bare_model = find_run(Path(cfg.run).expanduser())
@@ -78,7 +79,7 @@ def generate_from_run(cfg: DictConfig) -> Path:
     if bare_model is None:  # any method's run: the same loader as evaluate (LoRA / embeddings on their base)
         pipe = load_run_pipeline(run)
     else:
-        pipe = load_pipeline_folder(bare_model)
+        pipe = with_run_call_kwargs(load_pipeline_folder(bare_model), run)  # SD 3.5 / Flux: the run's T5 length
     pipe.scheduler = make_scheduler(guidance["scheduler"], pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
