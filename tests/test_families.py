@@ -665,3 +665,23 @@ def test_lora_base_is_cast_to_the_frozen_dtype_under_mixed_precision_and_adapter
     full = train(compose(["+experiment=dog", *TINY, "model=tiny_sdxl", "method=lora", "trainer.max_steps=0",
                           f"paths.run_dir={tmp_path / 'fp32'}"]))["memory_plan"]["parts_gb"]
     assert plan["weights"] < full["weights"]  # bf16 base and frozen parts vs fp32 everywhere
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_an_optuna_sweep_runs_on_the_family_unchanged(family, tmp_path):
+    """`python -m dreambench.train -m +hparams_search=lr_prior model=tiny_<family>`: two trials, each a run folder
+    whose objective is in the study (the sweep code knows nothing of families)."""
+    from optuna.trial import TrialState
+    from sweep_helpers import TINY_TRIAL, journal_study, run
+    args = [a for a in TINY_TRIAL if a != "model=tiny"] + [MODELS[family], f"paths.output_dir={tmp_path}",
+                                                           "hydra.sweeper.n_trials=2", "trainer.max_steps=2"]
+    r = run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = tmp_path / "sweeps" / "dog_lr_prior"
+    trials = journal_study(folder / "study.journal", "dog_lr_prior").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        metrics = json.loads((folder / f"trial_{t.number}" / "metrics.json").read_text())
+        assert t.value == metrics["train/loss_instance"]
+        assert f"family: {family}" in (folder / f"trial_{t.number}" / "config.yaml").read_text()
