@@ -176,7 +176,8 @@ def test_missing_or_corrupt_resume_path_is_one_line_error_before_models_load(tmp
 # are copied back after each step (seen failing when the copy ran after the checkpoint was taken: the resumed
 # run's first step read rows that weight decay had moved).
 VARIANTS = {"sdxl": ("model=tiny_sdxl", "model.train_text_encoder=true"),
-            "textual_inversion": ("method=textual_inversion",)}
+            "textual_inversion": ("method=textual_inversion",),
+            "flux_lora": ("model=tiny_flux", "method=lora")}  # rectified flow: σ drawn from the run's generator
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
