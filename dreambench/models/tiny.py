@@ -120,6 +120,14 @@ def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionP
                                    requires_safety_checker=False)
 
 
+def tiny_clip_kwargs(tokenizer) -> dict:
+    """model=tiny's CLIP text-encoder size (2 layers, width 32, projection 32), for the other families' tiny ones."""
+    return {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": tokenizer.model_max_length, "projection_dim": 32,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
 def tiny_sd_folder_beside(folder: Path) -> Path:
     """model=tiny's folder in the same cache (conf/model/tiny.yaml names it so)."""
     return folder.parent / f"tiny-sd-v{TINY_VERSION}"
@@ -138,10 +146,7 @@ def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    te_kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id)
+    te_kw = tiny_clip_kwargs(tokenizer)
     text_encoder = CLIPTextModel(CLIPTextConfig(**te_kw))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
     unet = UNet2DConditionModel(
@@ -179,10 +184,7 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    te_kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
-                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id)
+    te_kw = tiny_clip_kwargs(tokenizer)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_kw))
     transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4,
@@ -236,10 +238,7 @@ def build_tiny_flux_pipeline(seed: int, vae_from: Path):
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=32, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_kwargs(tokenizer)))
     tokenizer_2 = build_tiny_t5_tokenizer()
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                              num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))

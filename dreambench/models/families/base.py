@@ -109,9 +109,12 @@ class Family:
 
     # ---- sampling and export -------------------------------------------------------------------------------------
     def pipeline(self, parts: dict[str, Any], scheduler: Any):
+        """The family's pipeline over components in memory (`parts` by diffusers name; the denoiser under "unet",
+        as the module keeps it; a text encoder the model does not have, SD 3.5's T5 left out, is None)."""
         import diffusers
         cls = getattr(diffusers, self.pipeline_class)
-        pipe = cls(**{k: parts[k] for k in ("unet", "vae", *self.text_encoders, *self.tokenizers)},
+        pipe = cls(**{self.denoiser: parts["unet"], "vae": parts["vae"]},
+                   **{k: parts.get(k) for k in (*self.text_encoders, *self.tokenizers)},
                    scheduler=scheduler, **self.pipeline_init_kwargs)
         pipe.set_progress_bar_config(disable=True)
         return self.with_call_kwargs(pipe)
@@ -135,8 +138,9 @@ class Family:
         for name, layers in text_layers.items():
             kw[f"{name}_lora_layers"] = layers
             kw[f"{name}_lora_adapter_metadata"] = text_meta[name]
-        cls.save_lora_weights(folder, unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta,
-                              safe_serialization=True, weight_name=weight_name, **kw)
+        kw[f"{self.denoiser}_lora_layers"] = unet_layers  # unet_lora_layers / transformer_lora_layers
+        kw[f"{self.denoiser}_lora_adapter_metadata"] = unet_meta
+        cls.save_lora_weights(folder, safe_serialization=True, weight_name=weight_name, **kw)
 
     # ---- what the rest of the code asks -------------------------------------------------------------------------
     def check_method(self, method: str) -> None:

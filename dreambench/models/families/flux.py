@@ -96,25 +96,9 @@ class Flux(Family):
         txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = (torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
                     if unet.config.guidance_embeds else None)
-        out = unet(hidden_states=packed, timestep=t / 1000, guidance=guidance, pooled_projections=cond["pooled_projections"],
-                   encoder_hidden_states=hidden, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        out = unet(hidden_states=packed, timestep=t / 1000, guidance=guidance,
+                   pooled_projections=cond["pooled_projections"], encoder_hidden_states=hidden, txt_ids=txt_ids,
+                   img_ids=img_ids, return_dict=False)[0]
         # _unpack_latents takes pixel sizes and the VAE factor; with factor 1 the latent sizes are given directly.
         return FluxPipeline._unpack_latents(out, h, w, 1)
-
-    def pipeline(self, parts: dict[str, Any], scheduler: Any):
-        import diffusers
-        pipe = diffusers.FluxPipeline(transformer=parts["unet"], vae=parts["vae"], scheduler=scheduler,
-                                      **{k: parts[k] for k in (*self.text_encoders, *self.tokenizers)})
-        pipe.set_progress_bar_config(disable=True)
-        return self.with_call_kwargs(pipe)
-
-    def save_lora(self, folder, unet_layers, unet_meta, text_layers, text_meta, weight_name) -> None:
-        import diffusers
-        kw: dict[str, Any] = {}
-        for name, layers in text_layers.items():
-            kw[f"{name}_lora_layers"] = layers
-            kw[f"{name}_lora_adapter_metadata"] = text_meta[name]
-        diffusers.FluxPipeline.save_lora_weights(folder, transformer_lora_layers=unet_layers,
-                                                 transformer_lora_adapter_metadata=unet_meta,
-                                                 safe_serialization=True, weight_name=weight_name, **kw)
 

@@ -115,24 +115,6 @@ class SD3(Family):
         return unet(hidden_states=noisy, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                     pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
-    def pipeline(self, parts: dict[str, Any], scheduler: Any):
-        import diffusers
-        kw = {k: parts.get(k) for k in (*self.text_encoders, *self.tokenizers)}
-        pipe = diffusers.StableDiffusion3Pipeline(transformer=parts["unet"], vae=parts["vae"], scheduler=scheduler,
-                                                  **kw)
-        pipe.set_progress_bar_config(disable=True)
-        return self.with_call_kwargs(pipe)
-
-    def save_lora(self, folder, unet_layers, unet_meta, text_layers, text_meta, weight_name) -> None:
-        import diffusers
-        kw: dict[str, Any] = {}
-        for name, layers in text_layers.items():
-            kw[f"{name}_lora_layers"] = layers
-            kw[f"{name}_lora_adapter_metadata"] = text_meta[name]
-        diffusers.StableDiffusion3Pipeline.save_lora_weights(
-            folder, transformer_lora_layers=unet_layers, transformer_lora_adapter_metadata=unet_meta,
-            safe_serialization=True, weight_name=weight_name, **kw)
-
 
 def _has_subfolder(ref: str, sub: str, revision: str | None) -> bool:
     from pathlib import Path
