@@ -234,17 +234,21 @@ def saved_activation_bytes(fn, exclude: list[torch.Tensor]) -> int:
     return sum(n for _, n in seen.values())
 
 
-def unet_activation_bytes(unet, text_cfg: dict[str, Any], batch: int, latent_hw: int, dtype: torch.dtype,
-                          gradient_checkpointing: bool, attention: str, cond_requires_grad: bool) -> int:
+def _prepare_trace(model, dtype: torch.dtype, gradient_checkpointing: bool) -> None:
     from diffusers.utils import logging as dlog
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # `.to(dtype)` warns about fp32-kept modules of pretrained loading: none here
     try:
-        unet.to(dtype=dtype)
+        model.to(dtype=dtype)
     finally:
         dlog.set_verbosity(level)
     if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
+
+
+def unet_activation_bytes(unet, text_cfg: dict[str, Any], batch: int, latent_hw: int, dtype: torch.dtype,
+                          gradient_checkpointing: bool, attention: str, cond_requires_grad: bool) -> int:
+    _prepare_trace(unet, dtype, gradient_checkpointing)
     c = unet.config
     ctx_len = int(text_cfg.get("max_position_embeddings", 77))
     x = torch.empty(batch, c.in_channels, latent_hw, latent_hw, device="meta", dtype=dtype)
@@ -270,15 +274,7 @@ def transformer_activation_bytes(family: str, model, batch: int, latent_hw: int,
     """unet_activation_bytes for the transformer families, with the inputs their training step gives them: SD 3.5's
     MMDiT on [B, C, h, w] latents and 77 CLIP + `max_sequence_length` T5 tokens; Flux on (h/2)(w/2) packed tokens,
     `max_sequence_length` T5 tokens, rotary ids and the guidance value."""
-    from diffusers.utils import logging as dlog
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        model.to(dtype=dtype)
-    finally:
-        dlog.set_verbosity(level)
-    if gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+    _prepare_trace(model, dtype, gradient_checkpointing)
     c = model.config
 
     def empty(*shape, grad=False):

@@ -46,6 +46,17 @@ def build(run_dir: Path, family: str, *extra: str):
     return module, cfg
 
 
+def evaluate_cfg(run: Path):
+    """`dreambench.evaluate mode=run` on one run, at the smallest size (tiny encoders, 1 prompt x 1 image)."""
+    from helpers import CONF
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return hydra_compose("evaluate", overrides=[
+            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
+            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
+
+
 def hand_geometry(path: Path, res: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(original size (h, w), crop top-left (y, x)) of a short-side resize to `res` and a centre crop."""
     w, h = Image.open(path).size
@@ -321,14 +332,7 @@ def test_sdxl_lora_exports_what_diffusers_loads_and_generate_and_evaluate_use_it
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(list(out.glob("0*.png"))) == 1
 
-    from helpers import CONF
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        ecfg = hydra_compose("evaluate", overrides=[
-            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
-            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
-    res = evaluate(ecfg)
+    res = evaluate(evaluate_cfg(run))
     for k in ("dino", "clip_i", "clip_t", "pres"):
         assert -1.0 <= res["summary"][f"eval/{k}"] <= 1.0
 
@@ -428,52 +432,54 @@ def test_flow_timestep_sampling_and_weights_by_hand(scheme):
     torch.testing.assert_close(flow_loss_weights("cosmap", sigmas), 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2)))
 
 
-def test_sd3_dreambooth_and_lora_export_what_diffusers_loads_and_generate_and_evaluate_use_it(tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+# (pipeline class, what from_pretrained must be told, checkpoint prefixes with text encoders trained, LoRA prefixes)
+FLOW_E2E = {
+    "sd3": ("StableDiffusion3Pipeline", {"text_encoder_3": None, "tokenizer_3": None},  # the tiny SD 3.5: no T5
+            {"unet", "text_encoder", "text_encoder_2"}, {"transformer", "text_encoder", "text_encoder_2"}),
+    "flux": ("FluxPipeline", {}, {"unet", "text_encoder"}, {"transformer", "text_encoder"}),  # CLIP trained, T5 never
+}
+
+
+@pytest.mark.parametrize("family", list(FLOW_E2E))
+def test_flow_family_dreambooth_and_lora_export_what_diffusers_loads_and_generate_and_evaluate_use_it(family,
+                                                                                                     tmp_path):
+    """DreamBooth with the CLIP encoders trained exports a folder diffusers' own pipeline class loads; LoRA on the
+    transformer (+ CLIP) exports one file its load_lora_weights applies; dreambench's loader samples with the
+    run's T5 length, and evaluate scores the run."""
+    import diffusers
     from safetensors.torch import load_file
 
     from dreambench.evaluate import evaluate
     from dreambench.methods import load_run_pipeline
     from dreambench.train import train
-    # DreamBooth with both CLIP encoders trained: the exported folder is diffusers' own SD3 pipeline.
+    pipe_name, load_kw, ckpt_prefixes, lora_prefixes = FLOW_E2E[family]
+    pipe_cls = getattr(diffusers, pipe_name)
     run = tmp_path / "db"
-    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", f"paths.run_dir={run}", "trainer.max_steps=3",
+    cfg = compose(["+experiment=dog", *TINY, MODELS[family], f"paths.run_dir={run}", "trainer.max_steps=3",
                    "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3", "optimizer.lr=1e-2"])
-    metrics = train(cfg)
-    assert metrics["train/loss_prior"] > 0
+    assert train(cfg)["train/loss_prior"] > 0
     state = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
-    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
-    no_t5 = {"text_encoder_3": None, "tokenizer_3": None}
-    tuned = StableDiffusion3Pipeline.from_pretrained(run / "model", use_safetensors=True, **no_t5)
-    base = StableDiffusion3Pipeline.from_pretrained(cfg.model.pretrained, use_safetensors=True, **no_t5)
-    assert type(tuned.transformer).__name__ == "SD3Transformer2DModel"
+    assert {k.split(".")[0] for k in state} == ckpt_prefixes
+    tuned = pipe_cls.from_pretrained(run / "model", use_safetensors=True, **load_kw)
+    base = pipe_cls.from_pretrained(cfg.model.pretrained, use_safetensors=True, **load_kw)
     kw = {"max_sequence_length": 8}
     assert abs(_render_kw(tuned, **kw) - _render_kw(base, **kw)).max() > 1e-3
 
-    # LoRA on the transformer (+ both CLIP encoders): one file diffusers' own load_lora_weights applies.
-    run = tmp_path / "runs" / "dog-sd3"
-    cfg = compose(["+experiment=dog", *TINY, "model=tiny_sd3", f"paths.run_dir={run}", "trainer.max_steps=3",
-                   "method=lora", "method.lr=5e-2", "model.train_text_encoder=true"])
-    train(cfg)
+    run = tmp_path / "runs" / f"dog-{family}"
+    train(compose(["+experiment=dog", *TINY, MODELS[family], f"paths.run_dir={run}", "trainer.max_steps=3",
+                   "method=lora", "method.lr=5e-2", "model.train_text_encoder=true"]))
     saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
-    assert {k.split(".")[0] for k in saved} == {"transformer", "text_encoder", "text_encoder_2"}
+    assert {k.split(".")[0] for k in saved} == lora_prefixes
     before = _render_kw(base, **kw)
-    base.load_lora_weights(str(run / "model"), weight_name="pytorch_lora_weights.safetensors")
+    base.load_lora_weights(str(run / "model"), weight_name="pytorch_lora_weights.safetensors")  # diffusers' own
     after = _render_kw(base, **kw)
     assert abs(after - before).max() > 1e-4
     ours = load_run_pipeline(run)
-    assert ours._dreambench_call_kwargs == kw  # samples use the sequence length training used
+    assert type(ours).__name__ == pipe_name and ours._dreambench_call_kwargs == kw
     assert abs(_render_kw(ours, **kw) - after).max() < 1e-5
-
-    from helpers import CONF
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        ecfg = hydra_compose("evaluate", overrides=[
-            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
-            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
-    res = evaluate(ecfg)
-    assert -1.0 <= res["summary"]["eval/dino"] <= 1.0
+    res = evaluate(evaluate_cfg(run))
+    for k in ("dino", "clip_i", "clip_t"):
+        assert -1.0 <= res["summary"][f"eval/{k}"] <= 1.0
 
 
 def _render_kw(pipe, prompt: str = "a sks dog", seed: int = 0, **kw):
@@ -531,48 +537,6 @@ def test_sd3_with_t5_conditions_on_it_as_diffusers_does_and_reloads(tiny_sd3_wit
     train(compose(["+experiment=dog", *TINY, "model=tiny_sd3", *t5, f"paths.run_dir={run}", "trainer.max_steps=2"]))
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(run / "model", use_safetensors=True)
     assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel" and pipe.tokenizer_3 is not None
-
-
-def test_flux_dreambooth_and_lora_export_what_diffusers_loads_and_generate_and_evaluate_use_it(tmp_path):
-    from diffusers import FluxPipeline
-    from safetensors.torch import load_file
-
-    from dreambench.evaluate import evaluate
-    from dreambench.methods import load_run_pipeline
-    from dreambench.train import train
-    run = tmp_path / "db"
-    cfg = compose(["+experiment=dog", *TINY, "model=tiny_flux", f"paths.run_dir={run}", "trainer.max_steps=3",
-                   "model.train_text_encoder=true", "train.checkpoint_every_n_steps=3", "optimizer.lr=1e-2"])
-    assert train(cfg)["train/loss_prior"] > 0
-    state = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
-    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder"}  # CLIP trained, T5 never
-    tuned = FluxPipeline.from_pretrained(run / "model", use_safetensors=True)
-    base = FluxPipeline.from_pretrained(cfg.model.pretrained, use_safetensors=True)
-    kw = {"max_sequence_length": 8}
-    assert abs(_render_kw(tuned, **kw) - _render_kw(base, **kw)).max() > 1e-3
-
-    run = tmp_path / "runs" / "dog-flux"
-    cfg = compose(["+experiment=dog", *TINY, "model=tiny_flux", f"paths.run_dir={run}", "trainer.max_steps=3",
-                   "method=lora", "method.lr=5e-2", "model.train_text_encoder=true"])
-    train(cfg)
-    saved = load_file(str(run / "model" / "pytorch_lora_weights.safetensors"))
-    assert {k.split(".")[0] for k in saved} == {"transformer", "text_encoder"}
-    before = _render_kw(base, **kw)
-    base.load_lora_weights(str(run / "model"), weight_name="pytorch_lora_weights.safetensors")
-    after = _render_kw(base, **kw)
-    assert abs(after - before).max() > 1e-4
-    ours = load_run_pipeline(run)
-    assert type(ours).__name__ == "FluxPipeline" and ours._dreambench_call_kwargs == kw
-    assert abs(_render_kw(ours, **kw) - after).max() < 1e-5
-
-    from helpers import CONF
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        ecfg = hydra_compose("evaluate", overrides=[
-            "metrics=tiny", "eval.progress=false", "mode=run", f"runs=[{run}]", "eval.prompts_limit=1",
-            "eval.images_per_prompt=1", "eval.num_inference_steps=2", "eval.pres_images=1"])
-    assert -1.0 <= evaluate(ecfg)["summary"]["eval/clip_t"] <= 1.0
 
 
 def test_flux_training_sigmas_get_the_resolution_dependent_shift():
