@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,9 @@ from dreambench.prior import PriorContext
 from dreambench.resilience import checkpoint as resilience
 from dreambench.resilience.numerics import keep_vae_fp32, vae_needs_fp32
 from dreambench.sampling import generate, make_scheduler
+from dreambench.schema import FlowSchema
 
 log = logging.getLogger("dreambench")
-# model.flow's defaults (conf/model/sd15.yaml; flow-matching families only): diffusers' train_dreambooth_sd3.py.
-FLOW_DEFAULTS = {"timestep_sampling": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
-                 "loss_weighting": "none"}
 
 
 class DreamBoothModule(L.LightningModule):
@@ -38,8 +37,9 @@ class DreamBoothModule(L.LightningModule):
         # No save_hyperparameters: it would embed the modules in every checkpoint.
         self.unet, self.vae, self.text_encoder = components.unet, components.vae, components.text_encoder
         self.tokenizer = components.tokenizer
-        # The model family (SD 1.x/2.x, SDXL): how prompts become conditioning, how the UNet is called, which
-        # pipeline samples and exports. SDXL's second text encoder and tokenizer; None for SD.
+        # The model family (SD 1.x/2.x, SDXL, SD 3.5, Flux): how prompts become conditioning, how the denoiser is
+        # called, which pipeline samples and exports. The second and third text encoders and tokenizers where the
+        # family has them (SDXL, SD 3.5, Flux; SD 3.5's T5 may be left out), else None.
         self.family = get_family(components.family).configured(cfg.model, components.unet)
         self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = components.text_encoder_3, components.tokenizer_3  # SD3's T5
@@ -70,7 +70,7 @@ class DreamBoothModule(L.LightningModule):
         self.class_prompt = " ".join(cfg.data.class_prompt.format(**fmt).split())
         if self.family.objective == "flow_matching":  # SD3: σ of each training timestep (the shifted schedule)
             self.prediction_type = "flow"
-            self.flow_cfg = {**FLOW_DEFAULTS, **dict(cfg.model.get("flow") or {})}
+            self.flow_cfg = {**dataclasses.asdict(FlowSchema()), **dict(cfg.model.get("flow") or {})}
             # Flux: its scheduler's σ are unshifted (use_dynamic_shifting); family.shift_sigmas shifts them per size.
             self.register_buffer("flow_sigmas", components.noise_scheduler.sigmas.clone().float(), persistent=False)
         else:
@@ -299,6 +299,7 @@ class DreamBoothModule(L.LightningModule):
         micro = self.global_step * accum + batch_idx % accum
         base = (micro * self.trainer.world_size + self.trainer.global_rank) * b
         seed = int(cfg.seed)
+        need_geometry = self.family.needs_image_geometry  # SDXL's time_ids: each drawn image's own size and crop
         if self.bucket_banks is not None:  # one photo per step (data.batch_size=1), at its bucket's shape
             i = draw_indices(len(self.instance_bank), seed, [base])[0]  # on the host: no device sync for it
             n = len(self.bucket_banks)
@@ -307,12 +308,12 @@ class DreamBoothModule(L.LightningModule):
             sel = idx // n  # 0: the photo, 1: its mirror (hflip)
             inst = bank.sample(sel, self.noise_generator)
             mask = bank.mask[sel] if bank.mask is not None else None
-            geometry = [bank.geometry[sel]]
+            geometry = [bank.geometry[sel]] if need_geometry else []
         else:
             idx = self._indices(len(self.instance_bank), seed, base, b)
             inst = self.instance_bank.sample(idx, self.noise_generator)
             mask = self.instance_bank.mask[idx] if self.instance_bank.mask is not None else None
-            geometry = [self.instance_bank.geometry[idx]]
+            geometry = [self.instance_bank.geometry[idx]] if need_geometry else []
         ids = [self.instance_ids] * b
         embs = [self.instance_emb] * b if not self.train_text_encoder else None
         if self.captioned:  # each photo's caption (bank index i and its mirror i + n are photo i % n), or ""
@@ -327,7 +328,8 @@ class DreamBoothModule(L.LightningModule):
         if self.class_bank is not None:
             cls_idx = self._indices(len(self.class_bank), seed + 1, base, b)
             cls = self.class_bank.sample(cls_idx, self.noise_generator)
-            geometry.append(self.class_bank.geometry[cls_idx])
+            if need_geometry:
+                geometry.append(self.class_bank.geometry[cls_idx])
             if self.bucket_banks is not None:  # shapes may differ: two forward passes (see _bucket_step)
                 latents = (inst, cls)
             else:
@@ -339,7 +341,7 @@ class DreamBoothModule(L.LightningModule):
                 embs += [self.class_emb] * b
         # One conditioning for the whole [instance; class] batch, every part of it batched along dim 0.
         cond = cond_cat(embs) if embs is not None else self.encode(torch.cat(ids))
-        if self.family.needs_image_geometry:  # e.g. SDXL's time_ids: each image's own size and crop
+        if need_geometry:
             cond = self.family.add_image_conditioning(cond, torch.cat(geometry))
         return latents, cond, b, mask
 
@@ -504,12 +506,11 @@ class DreamBoothModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        # E.g. textual inversion copies back the embedding rows that must not move. Here, not in on_train_batch_end:
-        # ModelCheckpoint's on_train_batch_end runs before the module's and would save the rows as AdamW's weight
-        # decay left them, which a resumed run's first step would then use.
+        # The method's fix-up (textual inversion copies back the embedding rows that must not move) and the EMA
+        # update happen here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint,
+        # preemption) run before the module's, so a checkpoint of step N would hold rows moved by weight decay or
+        # miss step N's EMA update, and resume would not be exact.
         self.method.after_optimizer_step(self)
-        # Here, not in on_train_batch_end: callbacks' on_train_batch_end (ModelCheckpoint, preemption) run before
-        # the module's, so a checkpoint of step N would miss step N's EMA update and resume would not be exact.
         # global_step counts this step only after optimizer_step returns, hence + 1.
         if self.ema is not None and (self.global_step + 1) % int(self.ema_cfg.get("every_n_steps", 1)) == 0:
             params = self.ema_parameters()

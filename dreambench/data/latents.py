@@ -27,17 +27,19 @@ def resize_crop(image: Image.Image, resolution: int, center_crop: bool = True,
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def crop_geometry(size_wh: tuple[int, int], size_hw: tuple[int, int], center_crop: bool = True) -> list[int]:
+def crop_geometry(size_wh: tuple[int, int], size_hw: tuple[int, int], center_crop: bool = True,
+                  mirrored: bool = False) -> list[int]:
     """Where `resize_crop` / `fit_crop` take an image of `size_wh` = (W, H) to: [original height, original width,
     crop top, crop left (in the resized image), target height, target width] — SDXL's six micro-conditioning
     numbers, as diffusers' train_dreambooth_lora_sdxl.py records them per image (original_size, crop_top_left,
-    target_size)."""
+    target_size). `mirrored`: the crop's mirror image (data.hflip), whose left edge is counted from the other side
+    of the resized image."""
     w, h = size_wh
     H, W = size_hw
     s = max(H / h, W / w)
     rw, rh = max(W, round(w * s)), max(H, round(h * s))
     left, top = ((rw - W) // 2, (rh - H) // 2) if center_crop else (0, 0)
-    return [h, w, top, left, H, W]
+    return [h, w, top, rw - W - left if mirrored else left, H, W]
 
 
 def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
@@ -113,18 +115,13 @@ class LatentBank:
             pixels = torch.stack([preprocess(im, resolution, center_crop) for im in images])
         else:
             pixels = torch.stack([to_tensor(fit_crop(im, size_hw, center_crop)) for im in images])
-        geometry = torch.tensor([crop_geometry(im.size, size_hw or (resolution, resolution), center_crop)
-                                 for im in images], dtype=torch.float32)
+        hw = size_hw or (resolution, resolution)
+        geometry = [crop_geometry(im.size, hw, center_crop) for im in images]
         if hflip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
-            # The mirror of a crop at `left` is the crop at `left` of the mirrored resized image, counted from
-            # the other side: resized width - target width - left (resized width = target w + 2 left centred).
-            mirrored = geometry.clone()
-            resized_w = torch.tensor([_resized_width(im.size, size_hw or (resolution, resolution)) for im in images],
-                                     dtype=torch.float32)
-            mirrored[:, 3] = resized_w - geometry[:, 5] - geometry[:, 3]
-            geometry = torch.cat([geometry, mirrored])
+            geometry += [crop_geometry(im.size, hw, center_crop, mirrored=True) for im in images]
+        geometry = torch.tensor(geometry, dtype=torch.float32)
         mean, std = encode_latent_dist(vae, pixels, batch_size)
         if masks is not None:
             from dreambench.data.sidecars import latent_mask
@@ -138,12 +135,6 @@ class LatentBank:
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx], self.std[idx]
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-
-
-def _resized_width(size_wh: tuple[int, int], size_hw: tuple[int, int]) -> int:
-    w, h = size_wh
-    H, W = size_hw
-    return max(W, round(w * max(H / h, W / w)))
 
 
 def draw_indices(n: int, seed: int, positions: Sequence[int]) -> list[int]:

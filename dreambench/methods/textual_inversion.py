@@ -52,9 +52,7 @@ class TextualInversion(Method):
     @staticmethod
     def _pairs(module: Any) -> list[tuple[Any, Any]]:
         """(tokenizer, text encoder) of every CLIP encoder of the model's family (SD: one; SDXL: two)."""
-        family = getattr(module, "family", None)
-        if family is None:
-            return [(module.tokenizer, module.text_encoder)]
+        family = module.family
         return [(getattr(module, t), getattr(module, e)) for t, e in zip(family.tokenizers, family.text_encoders)]
 
     def prepare(self, module: Any) -> None:

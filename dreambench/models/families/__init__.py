@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dreambench.models.families.base import Cond, Family, cond_cat, cond_float, cond_take, cond_to, cond_where
+from dreambench.models.families.base import Cond, Family, cond_cat, cond_float, cond_take, cond_where
 from dreambench.models.families.flux import Flux
 from dreambench.models.families.sd import SD
 from dreambench.models.families.sd3 import SD3
@@ -33,5 +33,5 @@ def folder_family(folder: str | Path) -> str | None:
     return BY_PIPELINE.get(json.loads(f.read_text()).get("_class_name"))
 
 
-__all__ = ["BY_PIPELINE", "FAMILIES", "Cond", "Family", "cond_cat", "cond_float", "cond_take", "cond_to",
-           "cond_where", "folder_family", "get_family"]
+__all__ = ["BY_PIPELINE", "FAMILIES", "Cond", "Family", "cond_cat", "cond_float", "cond_take", "cond_where",
+           "folder_family", "get_family"]

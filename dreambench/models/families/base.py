@@ -1,6 +1,7 @@
-"""The model-family seam: what differs between Stable Diffusion generations lives in one `Family` subclass each
-(`sd.py`: SD 1.x/2.x, `sdxl.py`: SDXL). The LightningModule, the methods, sampling, export, generate and evaluate
-talk to a family instead of assuming one UNet + one CLIP text encoder + `StableDiffusionPipeline`:
+"""The model-family seam: what differs between model generations lives in one `Family` subclass each (`sd.py`:
+SD 1.x/2.x, `sdxl.py`: SDXL, `sd3.py`: SD 3.5, `flux.py`: FLUX.1). The LightningModule, the methods, sampling,
+export, generate and evaluate talk to a family instead of assuming one UNet + one CLIP text encoder +
+`StableDiffusionPipeline`:
 
 - which components a model has and how they load (`parts`, `load_parts`);
 - how prompts become the denoiser's conditioning (`tokenize`, `encode`): a `Cond`, a dict of tensors that are
@@ -10,10 +11,9 @@ talk to a family instead of assuming one UNet + one CLIP text encoder + `StableD
 - how the denoiser is called (`denoise`);
 - the diffusers pipeline it samples and exports with (`pipeline_class`, `pipeline`);
 - how LoRA adapters are saved so that the family's own pipeline loads them (`save_lora`);
-- which methods apply (`methods`).
-
+- which methods apply (`methods`);
 - the training objective (`objective`): "ddpm" (noising by the scheduler's alphas, epsilon or v target; SD, SDXL)
-  or "flow_matching" (rectified flow: x_t = (1 - σ) x0 + σ ε, target ε - x0; SD 3.5), computed by the module
+  or "flow_matching" (rectified flow: x_t = (1 - σ) x0 + σ ε, target ε - x0; SD 3.5, Flux), computed by the module
   from `dreambench.losses`.
 """
 
@@ -45,10 +45,6 @@ def cond_where(pick_a: torch.Tensor, a: Cond, b: Cond) -> Cond:
 
 def cond_float(cond: Cond) -> Cond:
     return {k: v.float() for k, v in cond.items()}
-
-
-def cond_to(cond: Cond, dtype: torch.dtype) -> Cond:
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in cond.items()}
 
 
 class Family:

@@ -36,7 +36,8 @@ class Flux(Family):
     def configured(self, model_cfg, unet):
         fam = copy.copy(self)
         fam.max_sequence_length = int(model_cfg.get("max_sequence_length") or 512)
-        fam.guidance = float((model_cfg.get("flow") or {}).get("guidance", 3.5))
+        from dreambench.schema import FlowSchema
+        fam.guidance = float((model_cfg.get("flow") or {}).get("guidance", FlowSchema.guidance))
         return fam
 
     def training_scheduler(self, config):
