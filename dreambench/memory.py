@@ -14,6 +14,7 @@ not of set-up (class-image generation and latent caching run before the optimize
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -169,7 +170,10 @@ def trainable_parameters(method: Any, unet, text_encoders: dict[str, torch.nn.Mo
     for te in text_encoders.values():
         te.requires_grad_(False)
     vae.requires_grad_(False)
-    stub = _Stub(unet, text_encoders, vae, family=family, **(context or {}))
+    # The method may change what it is given (textual inversion adds its token to the tokenizers): a copy each
+    # time, so that one context serves every estimate of a switch ladder.
+    ctx = {k: copy.deepcopy(v) if k.startswith("tokenizer") else v for k, v in (context or {}).items()}
+    stub = _Stub(unet, text_encoders, vae, family=family, **ctx)
     te_params = [p for te in text_encoders.values() for p in te.parameters()]
     try:
         method.prepare(stub)
@@ -396,12 +400,13 @@ def default_lora() -> Any:
     return LoRA(rank=4)
 
 
-def switch_ladder(configs: dict[str, dict[str, Any]], method: Any, **kw: Any
+def switch_ladder(configs: dict[str, dict[str, Any]], method: Any, rungs=SWITCH_LADDER, **kw: Any
                   ) -> list[tuple[str, tuple[str, ...], MemoryEstimate]]:
     """`estimate` for the run as configured and for each rung of SWITCH_LADDER (the overrides that apply it);
-    `kw` as for `estimate`. A rung that is already configured (e.g. checkpointing on) is skipped."""
+    `kw` as for `estimate`. A rung that is already configured (e.g. checkpointing on) is skipped. `rungs`: a part
+    of the ladder (plan_for, which has the configured estimate already, asks for the switches only)."""
     out = []
-    for label, overrides, change in SWITCH_LADDER:
+    for label, overrides, change in rungs:
         if change and all(kw.get(k) == v for k, v in change.items() if k != "method") and "method" not in change:
             continue
         if change.get("method") == "lora" and getattr(method, "name", "") == "lora":
@@ -439,13 +444,15 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
     on_gpu = device.startswith("cuda")
     frozen = resolve_frozen_dtype(cfg.model.get("frozen_dtype", "auto"), precision, on_gpu)
     opt = str(cfg.optimizer.get("_target_", "torch.optim.AdamW")).rsplit(".", 1)[-1]
+    # The run's settings as estimate() takes them: for the estimate, and for the switches that would make it fit.
+    kw = {"resolution": int(cfg.data.resolution), "batch_size": int(cfg.data.batch_size),
+          "prior": float(cfg.prior.get("weight", 0.0)) > 0, "precision": precision,
+          "gradient_checkpointing": bool(cfg.model.gradient_checkpointing), "optimizer": opt,
+          "attention": str(cfg.model.get("attention", "sdpa")), "frozen_dtype": frozen, "device": device,
+          "capacity": cap, "context": _method_context(cfg, model_ref, method), "ema": _ema_on_device(cfg),
+          **_family_args(cfg)}
     try:
-        est = estimate(configs, method, resolution=int(cfg.data.resolution), batch_size=int(cfg.data.batch_size),
-                       prior=float(cfg.prior.get("weight", 0.0)) > 0, precision=precision,
-                       gradient_checkpointing=bool(cfg.model.gradient_checkpointing), optimizer=opt,
-                       attention=str(cfg.model.get("attention", "sdpa")), frozen_dtype=frozen,
-                       device=device, capacity=cap, context=_method_context(cfg, model_ref, method),
-                       ema=_ema_on_device(cfg), **_family_args(cfg))
+        est = estimate(configs, method, **kw)
     except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
         log.warning("memory plan skipped: %s: %s", e.__class__.__name__, str(e).splitlines()[0] if str(e) else "")
         return None
@@ -457,14 +464,8 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
     elif not est.fits:
         # Which switches would make it fit, from the same planner (a few seconds of meta-device traces).
         try:
-            ladder = switch_ladder(configs, method, resolution=int(cfg.data.resolution),
-                                   batch_size=int(cfg.data.batch_size), prior=float(cfg.prior.get("weight", 0.0)) > 0,
-                                   precision=precision, gradient_checkpointing=bool(cfg.model.gradient_checkpointing),
-                                   optimizer=opt, attention=str(cfg.model.get("attention", "sdpa")),
-                                   frozen_dtype=frozen, device=device, capacity=cap,
-                                   context=_method_context(cfg, model_ref, method), ema=_ema_on_device(cfg),
-                                   **_family_args(cfg))
-            fitting = [f"{' '.join(o)} (~{human(e.total)})" for _, o, e in ladder[1:] if e.fits]
+            ladder = switch_ladder(configs, method, SWITCH_LADDER[1:], **kw)
+            fitting = [f"{' '.join(o)} (~{human(e.total)})" for _, o, e in ladder if e.fits]
         except Exception as e:  # noqa: BLE001 - the advice must not hide the error it advises on
             log.debug("memory plan: switch ladder failed (%s)", e)
             fitting = []

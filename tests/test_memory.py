@@ -189,3 +189,22 @@ def test_ema_on_the_device_adds_one_copy_of_the_trained_weights(sd15, tmp_path):
     assert "ema" in s["parts_gb"]
     s = prepare(compose(prepare_overrides(tmp_path, "train.ema.enabled=true", "train.ema.device=cpu"))).memory.summary()
     assert "ema" not in s["parts_gb"]  # kept in host memory, moved for each update
+
+
+def test_one_method_context_serves_every_rung_of_the_switch_ladder(tmp_path):
+    """Textual inversion adds its token to the tokenizer it is given: each estimate works on a copy, so every rung
+    of a ladder plans the method exactly (not the whole-UNet upper bound a second add_tokens would fall back to)."""
+    from hydra.utils import instantiate
+
+    from dreambench.memory import _method_context, read_configs, switch_ladder
+    from dreambench.train import prepare
+    cfg = compose(prepare_overrides(tmp_path, "method=textual_inversion"))
+    plan = prepare(cfg)
+    method = instantiate(cfg.method)
+    ctx = _method_context(cfg, plan.model_ref, method)
+    n_vocab = len(ctx["tokenizer"])
+    ladder = switch_ladder(read_configs(plan.model_ref), method, resolution=int(cfg.data.resolution), prior=False,
+                           context=ctx)
+    ti = [e for label, _, e in ladder if not label.startswith("LoRA")]
+    assert len(ti) == 4 and all(e.exact and e.trainable == ti[0].trainable for e in ti)
+    assert len(ctx["tokenizer"]) == n_vocab  # the caller's tokenizer is left as it was
