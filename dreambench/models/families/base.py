@@ -167,3 +167,26 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+class FlowMatchingFamily(Family):
+    """What the rectified-flow families (SD 3.5, Flux) share: the flow-matching scheduler as the forward process, T5
+    with `model.max_sequence_length` tokens (also passed to every sampling call, so samples see the conditioning
+    training saw), and the methods they have."""
+
+    objective = "flow_matching"
+    methods = ("dreambooth", "lora")
+    max_sequence_length = 256  # T5 tokens; the subclass's default when model.max_sequence_length is null
+
+    def configured(self, model_cfg: Any, unet: Any) -> Family:
+        import copy
+        fam = copy.copy(self)
+        fam.max_sequence_length = int(model_cfg.get("max_sequence_length") or self.max_sequence_length)
+        return fam
+
+    def training_scheduler(self, config: dict[str, Any]):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def call_kwargs(self) -> dict[str, Any]:
+        return {"max_sequence_length": self.max_sequence_length}

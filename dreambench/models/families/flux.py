@@ -10,42 +10,30 @@ like every other family. Training σ gets the resolution-dependent shift the pip
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dreambench.models.families.base import Cond, Family
+from dreambench.models.families.base import Cond, FlowMatchingFamily
 from dreambench.models.families.sd3 import CLIP_LEN, stack_token_rows
 
 
-class Flux(Family):
+class Flux(FlowMatchingFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5
     tokenizers = ("tokenizer", "tokenizer_2")
     trainable_text_encoders = ("text_encoder",)  # CLIP only; T5 is never trained (train_dreambooth_flux.py)
-    methods = ("dreambooth", "lora")
-    objective = "flow_matching"
-    max_sequence_length = 512
+    max_sequence_length = 512  # FluxPipeline's default for dev
     guidance = 3.5  # model.flow.guidance: the guidance embedding's value in training (dev)
-    scheduler_config: dict[str, Any] | None = None
 
     def configured(self, model_cfg, unet):
-        fam = copy.copy(self)
-        fam.max_sequence_length = int(model_cfg.get("max_sequence_length") or 512)
         from dreambench.schema import FlowSchema
+        fam = super().configured(model_cfg, unet)
         fam.guidance = float((model_cfg.get("flow") or {}).get("guidance", FlowSchema.guidance))
         return fam
-
-    def training_scheduler(self, config):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-    def call_kwargs(self):
-        return {"max_sequence_length": self.max_sequence_length}
 
     def load_parts(self, ref, revision, variant, use_safetensors, options=None):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -58,10 +46,6 @@ class Flux(Family):
                                                                  **kw),
                 "vae": AutoencoderKL.from_pretrained(ref, subfolder="vae", variant=variant, **kw),
                 "unet": FluxTransformer2DModel.from_pretrained(ref, subfolder="transformer", variant=variant, **kw)}
-
-    def load_pipeline(self, ref: str, **kw: Any):
-        import diffusers
-        return diffusers.FluxPipeline.from_pretrained(ref, use_safetensors=True, **kw)
 
     def tokenize(self, tokenizers: Sequence[Any], prompts: Sequence[str]) -> torch.Tensor:
         clip, t5 = tokenizers

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dreambench.models.families.base import Cond, Family
+from dreambench.models.families.base import Cond, FlowMatchingFamily
 
 CLIP_LEN = 77
 
@@ -29,31 +29,20 @@ def stack_token_rows(rows: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
     return torch.stack([F.pad(r, (0, n - r.shape[-1]), value=p) for r, p in zip(rows, pads)], dim=1)
 
 
-class SD3(Family):
+class SD3(FlowMatchingFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
     trainable_text_encoders = ("text_encoder", "text_encoder_2")  # the CLIP encoders; T5 is never trained
-    methods = ("dreambooth", "lora")
-    objective = "flow_matching"
-    max_sequence_length = 256  # T5 tokens (model.max_sequence_length)
+    max_sequence_length = 256  # T5 tokens (StableDiffusion3Pipeline's default)
     joint_attention_dim: int | None = None  # the transformer's text width (T5's zeros when model.t5=false)
 
     def configured(self, model_cfg, unet):
-        import copy
-        fam = copy.copy(self)
-        fam.max_sequence_length = int(model_cfg.get("max_sequence_length") or 256)
+        fam = super().configured(model_cfg, unet)
         fam.joint_attention_dim = int(unet.config.joint_attention_dim)
         return fam
-
-    def call_kwargs(self):
-        return {"max_sequence_length": self.max_sequence_length}
-
-    def training_scheduler(self, config):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
 
     def load_parts(self, ref, revision, variant, use_safetensors, options=None):
         from diffusers import AutoencoderKL, SD3Transformer2DModel
