@@ -461,6 +461,9 @@ def test_flow_family_dreambooth_and_lora_export_what_diffusers_loads_and_generat
     state = torch.load(next((run / "checkpoints").glob("*.ckpt")), map_location="cpu", weights_only=False)["state_dict"]
     assert {k.split(".")[0] for k in state} == ckpt_prefixes
     tuned = pipe_cls.from_pretrained(run / "model", use_safetensors=True, **load_kw)
+    from dreambench.methods.runs import load_pipeline_folder, with_run_call_kwargs
+    bare = with_run_call_kwargs(load_pipeline_folder(run / "model"), run)  # generate run=<run>/model
+    assert type(bare).__name__ == pipe_name and bare._dreambench_call_kwargs == {"max_sequence_length": 8}
     base = pipe_cls.from_pretrained(cfg.model.pretrained, use_safetensors=True, **load_kw)
     kw = {"max_sequence_length": 8}
     assert abs(_render_kw(tuned, **kw) - _render_kw(base, **kw)).max() > 1e-3
@@ -649,3 +652,24 @@ def test_an_optuna_sweep_runs_on_the_family_unchanged(family, tmp_path):
         metrics = json.loads((folder / f"trial_{t.number}" / "metrics.json").read_text())
         assert t.value == metrics["train/loss_instance"]
         assert f"family: {family}" in (folder / f"trial_{t.number}" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("size,center", [((300, 200), True), ((306, 200), True), ((200, 333), True),
+                                         ((300, 200), False)])
+def test_crop_geometry_names_the_crop_the_pixels_are_and_its_mirror(size, center):
+    """The time_ids' crop corner is where resize_crop really cut, and the mirrored latent (data.hflip flips the
+    crop) is the crop at the mirrored corner of the flipped resized image, odd margins (306 x 200: 17 px, split 8 + 9) included."""
+    import numpy as np
+
+    from dreambench.data.latents import crop_geometry, resize_crop
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    oh, ow, top, left, th, tw = crop_geometry(im.size, (32, 32), center)
+    assert (oh, ow, th, tw) == (size[1], size[0], 32, 32)
+    s = 32 / min(size)
+    resized = im.resize((max(32, round(size[0] * s)), max(32, round(size[1] * s))), Image.BICUBIC)
+    crop = np.asarray(resize_crop(im, 32, center))
+    assert np.array_equal(crop, np.asarray(resized)[top:top + 32, left:left + 32])
+    _, _, mtop, mleft, _, _ = crop_geometry(im.size, (32, 32), center, mirrored=True)
+    flipped = np.asarray(resized)[:, ::-1]
+    assert np.array_equal(crop[:, ::-1], flipped[mtop:mtop + 32, mleft:mleft + 32])
