@@ -495,7 +495,7 @@ def _render_kw(pipe, prompt: str = "a sks dog", seed: int = 0, **kw):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 @pytest.mark.parametrize("override", ["loss.min_snr_gamma=5", "loss.noise_offset=0.05", "train.val_loss.every_n_steps=5",
-                                      "method=textual_inversion"])
+                                      "method=textual_inversion", "guidance.guidance_rescale=0.7"])
 def test_what_flow_families_do_not_have_yet_is_one_line_before_any_model_loads(family, override, tmp_path):
     from dreambench.errors import UserError
     from dreambench.train import prepare

@@ -151,7 +151,8 @@ class Family:
                  ("loss.input_perturbation", "not defined for rectified flow here yet"),
                  ("model.zero_terminal_snr", "a DDPM schedule fix; rectified flow reaches pure noise at σ = 1"),
                  ("train.val_loss.every_n_steps", "the validation loss is computed on DDPM timesteps, not yet on σ"),
-                 ("data.buckets", "aspect-ratio buckets are not wired to the flow-matching step yet"))
+                 ("data.buckets", "aspect-ratio buckets are not wired to the flow-matching step yet"),
+                 ("guidance.guidance_rescale", "the SD 3.5 / Flux pipelines have no guidance rescale"))
 
     def check_config(self, cfg: Any) -> None:
         """Settings of a run that the family cannot honour: one UserError line before anything loads."""
