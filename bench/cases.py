@@ -413,6 +413,119 @@ def case_full_size(s: Settings) -> list[dict[str, Any]]:
     return rows
 
 
+# ---- full size, the other families, GPU only -------------------------------------------------------------------
+FAMILY_MODELS = {"SDXL": "sdxl", "SD 3.5 medium": "sd35", "FLUX.1-dev": "flux"}  # ARCHITECTURES key -> model=
+
+
+def random_family_folder(folder: Path, configs: dict[str, dict[str, Any]], device: str, dtype: torch.dtype) -> Path:
+    """A randomly initialised diffusers folder (safetensors) of the family `configs` describe, built on `device`
+    in `dtype` (on a GPU in bf16, FLUX.1-dev's 17 B parameters take seconds; on a CPU in fp32, minutes) with the
+    family's pipeline class, its released scheduler and the project's own tokenizers, so dreambench loads it
+    through the same code as a real checkpoint."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import diffusers
+
+    from dreambench.memory import config_family, meta_modules
+    from dreambench.models.families import get_family
+    from dreambench.models.tiny import family_scheduler
+    from dreambench.models.tokenizer import build_tiny_t5_tokenizer, build_tiny_tokenizer
+
+    family = get_family(config_family(configs))
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        unet, text_encoders, vae = meta_modules(configs, device=device)
+    finally:
+        torch.set_default_dtype(default)
+    def cast(m):  # stragglers made in fp32 on purpose (SD 3.5's sin-cos position table)
+        return m if all(p.dtype == dtype for p in m.parameters()) else m.to(dtype)
+    parts: dict[str, Any] = {family.denoiser: cast(unet), "vae": cast(vae), "scheduler": family_scheduler(family.name)}
+    for name, te in text_encoders.items():
+        parts[name] = cast(te)
+        t5 = "d_model" in configs[name]  # token ids only feed random encoders: the vocabularies are moot
+        parts[name.replace("text_encoder", "tokenizer")] = build_tiny_t5_tokenizer() if t5 else build_tiny_tokenizer()
+    for name in (*family.text_encoders, *family.tokenizers):  # SD 3.5 without its T5
+        parts.setdefault(name, None)
+    pipe = getattr(diffusers, family.pipeline_class)(**parts, **family.pipeline_init_kwargs)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe, parts, unet, vae, text_encoders
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def family_rungs(configs: dict[str, dict[str, Any]], lora: bool, resolution: int, tokens: int, precision: str,
+                 capacity: int | None, device: str) -> list[tuple[str, tuple[str, ...], Any]]:
+    """The planner's switch ladder for full fine-tuning (lora=False) or LoRA, without the 8-bit rungs where
+    bitsandbytes is not installed (`make install` leaves it out: it needs CUDA)."""
+    import importlib.util
+
+    from dreambench.memory import SWITCH_LADDER, switch_ladder
+    from dreambench.methods import DreamBooth
+    have_8bit = importlib.util.find_spec("bitsandbytes") is not None
+    rungs = tuple(r for r in SWITCH_LADDER if ("lora" == r[2].get("method")) == lora and r[0] != "as configured"
+                  and (have_8bit or "optimizer" not in r[2]))
+    if not lora:
+        rungs = (SWITCH_LADDER[0], *rungs)
+    mixed = "mixed" in precision
+    return switch_ladder(configs, DreamBooth(), rungs=rungs, resolution=resolution, precision=precision,
+                         frozen_dtype=torch.bfloat16 if mixed else None, device=device, capacity=capacity,
+                         max_sequence_length=tokens)
+
+
+def case_families(s: Settings, archs: dict[str, tuple[int, int, dict[str, dict[str, Any]]]] | None = None
+                  ) -> list[dict[str, Any]]:
+    """SDXL, SD 3.5 medium and FLUX.1-dev at 1024², random full-size weights (bench/architectures), 1 + 1 prior
+    batch, bf16 autocast with the frozen parts in bf16: full fine-tuning and LoRA, each with the first rung of the
+    planner's switch ladder that fits the card (the planner's promise, checked: the measured peak is reported
+    beside its estimate), or a row saying it fits no rung. `archs` replaces the full-size configs, by the keys of
+    FAMILY_MODELS (the suite runs this on the tiny families' configs, on a CPU, fp32, capacity unchecked)."""
+    models = FAMILY_MODELS
+    what = "random weights, 1 + 1 prior batch, bf16 autocast, frozen parts bf16; first rung of the planner's ladder that fits"
+    if archs is None and not s.cuda:
+        return [skipped("families (GPU)", f"{m}, {kind}", NO_CUDA, what) for m in models for kind in ("full", "LoRA")]
+    if archs is None:
+        archs = {m: (res, tokens, {k: json.loads((ARCH / f"{n}.json").read_text()) for k, n in files.items()})
+                 for m, (res, tokens, files) in ARCHITECTURES.items() if m in models}
+    from dreambench.utils.io import safe_rmtree
+    device = "cuda" if s.cuda else "cpu"
+    precision = "bf16-mixed" if s.cuda else "32-true"
+    capacity = int(torch.cuda.get_device_properties(0).total_memory) if s.cuda else None
+    sub = Settings(s.work, reps=1, warmup=s.warmup if s.cuda else 1, steps=max(5, s.steps // 4) if s.cuda else 2,
+                   quick=True, cuda=s.cuda, log=s.log)
+    rows = []
+    for model, (res, tokens, configs) in archs.items():
+        folder = random_family_folder(s.work / f"random-{models[model]}", configs, device,
+                                      torch.bfloat16 if s.cuda else torch.float32)
+        try:
+            for kind in ("full", "LoRA"):
+                variant = f"{model}, {res}², {kind}"
+                ladder = family_rungs(configs, kind == "LoRA", res, tokens, precision, capacity, device)
+                fit = next(((label, ov, e) for label, ov, e in ladder if e.fits), None)
+                if fit is None:
+                    best = min(ladder, key=lambda r: r[2].total)
+                    rows.append(skipped("families (GPU)", variant, f"fits no rung on this card: {best[0]} needs "
+                                        f"~{best[2].total / 1e9:.1f} GB (trainer=fsdp: issue 15)", what))
+                    continue
+                label, overrides, est = fit
+                s.log(f"  families {variant}: {label} (planned ~{est.total / 1e9:.1f} GB)")
+                t5 = any("d_model" in c for c in configs.values())
+                over = [f"model={models[model]}", f"model.pretrained={folder}", f"data.resolution={res}",
+                        *([f"model.max_sequence_length={tokens}"] if t5 else []),
+                        *(["trainer=gpu"] if s.cuda else []), *overrides]
+                r = dreambench_steps(sub, over, [], models[model], memory=True)
+                ms = 1000 / r["steps_per_s"]
+                plan = (r.get("memory_plan") or {}).get("estimated_peak_gb")
+                rows.append(row("families (GPU)", variant, "ms/step", [ms], what, switches=label,
+                                overrides=" ".join(overrides), memory_plan_gb=plan,
+                                peak_allocated_gb=r.get("peak_gb")))
+        finally:
+            safe_rmtree(folder, s.work)  # FLUX.1-dev is 34 GB on disk: one model at a time
+    return rows
+
+
 ARCHITECTURES = {  # bench/architectures: full-size configs, by diffusers component name; (px, T5 tokens, files)
     "SD 1.5": (512, 77, {"unet": "sd15_unet", "text_encoder": "sd15_text", "vae": "sd15_vae"}),
     "SDXL": (1024, 77, {"unet": "sdxl_unet", "text_encoder": "sdxl_text1", "text_encoder_2": "sdxl_text2",

@@ -5,7 +5,10 @@
 On one CUDA device (H100/H200 in mind; random full-size weights, nothing downloaded):
   sd15_step      SD 1.5, 512², batch 1 + 1 prior, bf16 autocast: ms/step, MFU against the step's counted FLOPs,
                  peak memory beside the planner's estimate, and the reference loop side by side (bench.cases)
-  sdxl_step      SDXL at 1024²: reported as not reached until SDXL is a model family (issue 13)
+  families       SDXL, SD 3.5 medium and FLUX.1-dev at 1024², random full-size weights built on the GPU in bf16:
+                 full fine-tuning and LoRA, each with the first rung of the planner's switch ladder that fits
+                 the card: ms/step, peak memory beside the planner's estimate (bench.cases.case_families; last,
+                 ~5 min: run it alone with --cases families when the budget does not reach it)
   class_images   SD 1.5 class images/s at 512² (50 DDIM steps, guidance 7.5) per batch size, and the best batch
   eval_images    scoring images/s (DINO ViT-S/16 + CLIP ViT-B/32, random weights) per batch size, and the best
   syncs          host syncs and synchronising CUDA calls per training step
@@ -267,8 +270,8 @@ def cases(work: Path, cuda: bool, steps: int, deadline: Deadline, log) -> list[C
                                                          lambda: class_images(work, log))),
         Case("eval_images", 40 if cuda else 0, gpu_only("evaluation images", "DINO + CLIP (random), 512²",
                                                         lambda: eval_images(work, log))),
-        Case("sdxl_step", 0, lambda: [skipped("full size (GPU)", "SDXL, 1024², 1 + 1, bf16",
-                                              "not reached: SDXL is not a dreambench model family yet (issue 13)")]),
+        Case("families", 300 if cuda else 0, gpu_only("families (GPU)", "SDXL, SD 3.5 medium, FLUX.1-dev, 1024²",
+                                                      lambda: (bc.prepare_work(s), bc.case_families(s))[1])),
     ]
 
 

@@ -23,7 +23,8 @@ import torch
 from bench import cases
 from bench.common import REPO, machine, write_results
 
-CASES = ("overhead", "switches", "syncs", "startup", "class_images", "scoring", "full_size", "memory_plan")
+CASES = ("overhead", "switches", "syncs", "startup", "class_images", "scoring", "full_size", "families",
+         "memory_plan")
 
 
 def fmt(x: float | None) -> str:
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "syncs": lambda: cases.case_syncs(s, tiny_ref), "startup": lambda: cases.case_startup(s),
                     "class_images": lambda: cases.case_class_images(s, tiny_ref),
                     "scoring": lambda: cases.case_scoring(s), "full_size": lambda: cases.case_full_size(s),
-                    "memory_plan": cases.case_memory_plan}
+                    "families": lambda: cases.case_families(s), "memory_plan": cases.case_memory_plan}
         for c in chosen:
             t0 = time.time()
             s.log(f"[bench] {c} ...")

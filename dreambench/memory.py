@@ -108,9 +108,10 @@ def config_family(configs: dict[str, dict[str, Any]]) -> str:
     return "sdxl" if "text_encoder_2" in configs else "sd"
 
 
-def meta_modules(configs: dict[str, dict[str, Any]]):
+def meta_modules(configs: dict[str, dict[str, Any]], device: str | torch.device = "meta"):
     """(unet, {text encoder name: encoder}, vae) on the meta device; SDXL's second encoder when its config is
-    there (a CLIPTextModelWithProjection, as in SDXL)."""
+    there (a CLIPTextModelWithProjection, as in SDXL). Another `device` builds them there with random weights
+    (bench: random full-size models built on the GPU)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -121,7 +122,7 @@ def meta_modules(configs: dict[str, dict[str, Any]]):
         return {k: v for k, v in clean(c).items() if k not in (
             "architectures", "torch_dtype", "dtype", "transformers_version", "model_type")}
     family = config_family(configs)
-    with torch.device("meta"):
+    with torch.device(device):
         vae = AutoencoderKL.from_config(clean(configs["vae"]))
         if family in ("sd", "sdxl"):
             unet = UNet2DConditionModel.from_config(clean(configs["unet"]))

@@ -228,9 +228,9 @@ def test_gpu_check_runs_on_a_cpu_with_its_gpu_cases_skipped_and_the_end_to_end_c
     data = json.loads((tmp_path / "gpu-latest.json").read_text())
     md = (tmp_path / "gpu-latest.md").read_text()
     assert data["cases"] == {"sd15_step": "ok", "end_to_end": "ok", "syncs": "ok", "class_images": "ok",
-                             "eval_images": "ok", "sdxl_step": "ok"} and data["not_reached"] == {}
+                             "eval_images": "ok", "families": "ok"} and data["not_reached"] == {}
     rows = data["rows"]
-    for case in ("full size (GPU)", "class images", "evaluation images"):
+    for case in ("full size (GPU)", "class images", "evaluation images", "families (GPU)"):
         got = [r for r in rows if r["case"] == case]
         assert got and all(r.get("skipped") for r in got), case
     e2e = next(r for r in rows if r["case"] == "end to end" and not r.get("skipped"))
@@ -239,6 +239,44 @@ def test_gpu_check_runs_on_a_cpu_with_its_gpu_cases_skipped_and_the_end_to_end_c
     syncs = next(r for r in rows if r["case"] == "host syncs per step" and r["variant"] == "dreambench")
     assert syncs["median"] <= 0.2  # the hot path's guarantee (issue 15), read through the same script
     assert "## End to end" in md and "Not reached: nothing." in md and md in p.stdout
+
+
+@pytest.mark.slow
+def test_the_families_gpu_case_runs_its_own_code_on_the_tiny_families(tmp_path):
+    # On a GPU the case builds random full-size SDXL / SD 3.5 / FLUX.1 folders in bf16 and trains each with the
+    # first rung of the planner's ladder that fits the card. Here the same code builds folders from the tiny
+    # families' configs and trains them on a CPU through model=sdxl / sd35 / flux, so a GPU session does not
+    # find the case broken.
+    from safetensors import safe_open
+
+    from bench import cases as bc
+    from dreambench.memory import read_configs
+    from dreambench.models.tiny import ensure_tiny_model
+    s = bc.Settings(tmp_path, reps=1, warmup=1, steps=2, quick=True, cuda=False, log=lambda m: None)
+    skipped = bc.case_families(s)  # no CUDA, no configs given: every row says why it did not run
+    assert len(skipped) == 6 and all(r["skipped"] == bc.NO_CUDA for r in skipped)
+
+    archs = {}
+    for key, model in (("SDXL", "model=tiny_sdxl"), ("SD 3.5 medium", "model=tiny_sd3"),
+                       ("FLUX.1-dev", "model=tiny_flux")):
+        cfg = compose([model])
+        archs[key] = (32, 8, read_configs(str(ensure_tiny_model(cfg.model.pretrained, family=cfg.model.family))))
+    # The GPU's dtype path: built in bf16 (the default dtype while constructing), saved in bf16.
+    folder = bc.random_family_folder(tmp_path / "bf16", archs["FLUX.1-dev"][2], "cpu", torch.bfloat16)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    for part in ("transformer", "text_encoder_2", "vae"):
+        with safe_open(str(next((folder / part).glob("*.safetensors"))), "pt") as f:
+            names = f.keys()
+            assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}, part
+
+    bc.prepare_work(s)
+    rows = bc.case_families(s, archs)
+    assert [(r["variant"], r["switches"], r["overrides"]) for r in rows] == [
+        (f"{m}, 32², {kind}", rung, over) for m in ("SDXL", "SD 3.5 medium", "FLUX.1-dev")
+        for kind, rung, over in (("full", "as configured", ""), ("LoRA", "LoRA", "method=lora"))]
+    for r in rows:
+        assert r["unit"] == "ms/step" and r["median"] > 0 and r["memory_plan_gb"] > 0, r
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("random-")]  # each model deleted after its rows
 
 
 def test_gpu_check_stops_inside_its_budget_and_says_what_it_did_not_reach(tmp_path):

@@ -120,6 +120,24 @@ def build_tiny_pipeline(seed: int = 0, vae_steps: int = 800) -> StableDiffusionP
                                    requires_safety_checker=False)
 
 
+def family_scheduler(family: str):
+    """The scheduler each family ships with (its scheduler_config.json in the released models): SDXL's Euler
+    (scaled-linear betas, epsilon), SD 3.5's rectified flow with shift 3.0, FLUX.1-dev's with the
+    resolution-dependent (dynamic) shift."""
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    if family == "sdxl":
+        return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                      prediction_type="epsilon", interpolation_type="linear")
+    if family == "sd3":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    if family == "flux":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                               base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                               max_image_seq_len=4096)
+    raise ValueError(f"no scheduler for family {family!r}")
+
+
 def tiny_clip_kwargs(tokenizer) -> dict:
     """model=tiny's CLIP text-encoder size (2 layers, width 32, projection 32), for the other families' tiny ones."""
     return {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -141,7 +159,7 @@ def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
     two transformer layers in the inner block (SDXL: 1, 2, 10), and SDXL's Euler scheduler. The VAE is
     model=tiny's fitted one (`vae_from`), reparametrised exactly to SDXL's latent scale 0.13025 and marked
     `force_upcast` as SDXL's is: its scaled latents have unit std as SDXL's do."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -163,11 +181,9 @@ def build_tiny_sdxl_pipeline(seed: int, vae_from: Path):
     vae.quant_conv.bias[:c] *= k
     vae.post_quant_conv.weight /= k
     vae.register_to_config(scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
-                                       prediction_type="epsilon", interpolation_type="linear")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=family_scheduler("sdxl"))
 
 
 @torch.no_grad()
@@ -179,7 +195,7 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
     rectified-flow scheduler with SD3's shift 3.0. The VAE is model=tiny's fitted one, reparametrised exactly to
     SD 3.5's latent convention (z - shift) x scale with its shift 0.0609 and scale 1.5305: encoder mean rows
     x k + shift, decoder input (z - shift) / k, k = 0.18215 / 1.5305, so its scaled latents have unit std."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -192,7 +208,7 @@ def build_tiny_sd3_pipeline(seed: int, vae_from: Path, t5: bool = False):
                                         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
                                         pos_embed_max_size=16)
     vae = shifted_vae(vae_from, SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler = family_scheduler("sd3")
     text_encoder_3 = tokenizer_3 = None
     if t5:
         from transformers import T5Config, T5EncoderModel
@@ -231,7 +247,7 @@ def build_tiny_flux_pipeline(seed: int, vae_from: Path):
     CLIP-L's role (its pooled output, width 32) and a 1-layer T5 (width 32) with the project's own T5 tokenizer,
     Flux's scheduler (dynamic, resolution-dependent shift) and latent convention (z - 0.1159) x 0.3611 on
     model=tiny's fitted VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from dreambench.models.tokenizer import build_tiny_t5_tokenizer
@@ -246,10 +262,7 @@ def build_tiny_flux_pipeline(seed: int, vae_from: Path):
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
     vae = shifted_vae(vae_from, FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
-    return FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=text_encoder,
+    return FluxPipeline(transformer=transformer, vae=vae, scheduler=family_scheduler("flux"), text_encoder=text_encoder,
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
 
