@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from analysis.paper import LABELS, TABLES, Table
+from analysis.paper import LABELS, TABLES, Table, model_label
 
 BOOT = {"samples": 1000, "seed": 0, "level": 0.95}
 
@@ -45,6 +45,7 @@ class Run:
     scores: dict[str, float]  # this run's subject's eval numbers; absent: not evaluated / not computable
     reasons: dict[str, str]  # metric -> why there is no number ("unavailable: ...")
     protocol: dict | None
+    model: str = ""  # model.name (sd15, sdxl, ...; empty in runs that do not say)
 
 
 @dataclass
@@ -111,6 +112,7 @@ def find_runs(folder: Path) -> list[Run]:
                 scores,
                 reasons,
                 ev.get("protocol"),
+                str((cfg.get("model") or {}).get("name") or ""),
             )
         )
     return runs
@@ -230,6 +232,8 @@ def build(folder: Path, table: Table) -> list[RowResult]:
             mine: list[Run] = []
         else:
             mine = [r for r in runs if r.row == row.key]
+            if row.optional and not mine:
+                continue
             per = {}
             if table.unit == "run":  # each (subject, seed) a unit: rows pair by subject and seed
                 per = {f"{r.subject}-s{r.seed}": dict(r.scores) for r in mine}
@@ -249,7 +253,9 @@ def build(folder: Path, table: Table) -> list[RowResult]:
                 m: (Cell(reason="n/a") if row.paper.get(m) is None and not c.n else c)
                 for m, c in cells.items()
             }
-        out.append(RowResult(row.key, row.label, cells, row.paper, per, mine))
+        label = row.label.format(model=model_label({r.model for r in mine if r.model})) if "{model}" in row.label \
+            else row.label
+        out.append(RowResult(row.key, label, cells, row.paper, per, mine))
     return out
 
 

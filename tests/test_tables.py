@@ -23,14 +23,15 @@ def _env(tmp_path_factory):
     env_defaults(tmp_path_factory.mktemp("tables"))
 
 
-def _run(root: Path, table: str, row: str, subject: str, seed: int, scores: dict, images: int = 0) -> Path:
+def _run(root: Path, table: str, row: str, subject: str, seed: int, scores: dict, images: int = 0,
+         model: str | None = None) -> Path:
     run = root / table / row / f"{subject}-s{seed}"
     (run / "eval").mkdir(parents=True)
     cfg = {
         "recipe": {"table": table, "row": row},
         "data": {"subject": subject, "class_noun": "dog"},
         "seed": seed,
-        "model": {"build_tiny": False},
+        "model": {"build_tiny": False, **({"name": model} if model else {})},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     metrics = {
@@ -190,6 +191,36 @@ def test_the_untrained_row_is_checked_below_both_methods_without_a_paper_number(
         tmp_path / "tables" / "report.html").read_text()
 
 
+def test_table1_rows_name_the_model_their_runs_trained_and_the_lora_row_shows_only_where_it_ran(tmp_path):
+    sdxl, sd15 = tmp_path / "sdxl", tmp_path / "sd15"
+    for subject, (db, lora, base) in {"dog": (0.7, 0.6, 0.3), "cat": (0.6, 0.5, 0.35), "can": (0.8, 0.7, 0.2)}.items():
+        _run(sdxl, "table1", "dreambooth", subject, 0, {"dino": db, "clip_i": 0.8}, model="sdxl")
+        _run(sdxl, "table1", "lora", subject, 0, {"dino": lora, "clip_i": 0.8}, model="sdxl")
+        _run(sdxl, "table1", "untrained", subject, 0, {"dino": base, "clip_i": 0.75}, model="sdxl")
+        _run(sd15, "table1", "dreambooth", subject, 0, {"dino": db, "clip_i": 0.8}, model="sd15")
+    rows = {r.key: r for r in tables.render(sdxl, ["table1"])["table1"]}
+    assert rows["dreambooth"].label == "DreamBooth (SDXL)"
+    assert rows["lora"].label == "DreamBooth-LoRA (SDXL, not in the paper)"
+    assert rows["textual_inversion"].label == "Textual Inversion (Stable Diffusion)"  # no runs: the paper's words
+    assert rows["dreambooth"].paper["dino"] == 0.668  # still compared with the paper's SD row
+    found = {(d.higher, d.lower, d.metric): d for d in tables.directions(paper.TABLES["table1"], rows.values())}
+    lora = found["lora", "untrained", "dino"]
+    assert lora.paper_diff is None and lora.diff.mean == pytest.approx((0.3 + 0.15 + 0.5) / 3) and lora.verdict == "holds"
+    md = (sdxl / "tables" / "table1.md").read_text()
+    assert "| DreamBooth-LoRA (SDXL, not in the paper) | 0.600 [" in md and "| DreamBooth (SDXL) | " in md
+
+    rows = {r.key: r for r in tables.render(sd15, ["table1"])["table1"]}
+    assert "lora" not in rows and rows["dreambooth"].label == "DreamBooth (SD 1.5)"
+    assert "LoRA" not in (sd15 / "tables" / "table1.md").read_text().split("Known differences")[0]
+
+
+def test_table1_script_adds_the_familys_lora_recipe():
+    from analysis.recipes import lora_recipe
+    assert lora_recipe(["model=sdxl"]) == "lora_sdxl" and lora_recipe(["model=tiny_sdxl"]) == "lora_sdxl"
+    assert lora_recipe(["model=sd35_large"]) == "lora_sd35" and lora_recipe(["model=tiny_flux"]) == "lora_flux"
+    assert lora_recipe(["model=sd15"]) is None and lora_recipe(["model=tiny"]) is None
+
+
 def test_the_toolbox_table_is_each_switch_minus_the_baseline_paired_by_subject_and_seed(tmp_path):
     # Every (subject, seed) run is a unit of its own, paired with the baseline's run of the same subject and seed.
     base = {("dog", 0): 0.50, ("dog", 1): 0.60, ("cat", 0): 0.40, ("cat", 1): 0.30}
@@ -312,6 +343,19 @@ def test_table1_smoke_end_to_end(tmp_path):
     method = json.loads((out / "textual_inversion" / "dog-s0" / "model" / "method.json").read_text())
     assert method["method"] == "textual_inversion" and method["token"] == "<sks>"
     assert "0.774" in (out / "tables" / "table1.md").read_text()
+
+
+@pytest.mark.slow
+def test_table1_smoke_on_sdxl_has_the_lora_row_trained_with_its_recipe(tmp_path):
+    out = _smoke("table1", tmp_path, "dog", "model=tiny_sdxl", "trainer.max_steps=2")
+    by = _csv(out, "table1")
+    for row in ("real", "dreambooth", "textual_inversion", "lora", "untrained"):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 1, row
+    cfg = yaml.safe_load((out / "lora" / "dog-s0" / "config.yaml").read_text())
+    assert cfg["model"]["name"] == "tiny_sdxl" and cfg["method"]["rank"] == 4 and cfg["method"]["lr"] == 1e-4
+    assert cfg["method"]["_target_"].endswith("LoRA") and cfg["trainer"]["max_steps"] == 2
+    md = (out / "tables" / "table1.md").read_text()
+    assert "| DreamBooth-LoRA (tiny SDXL, not in the paper) |" in md and "| Textual Inversion (tiny SDXL) |" in md
 
 
 @pytest.mark.slow
