@@ -17,14 +17,46 @@ import difflib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from dreambench.errors import USER_ERROR_EXIT_CODE
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
-def run(main: Callable[[], Any]) -> Any:
+def run(main: Callable[[], Any]) -> NoReturn:
+    """`_run(main)`, then the process ends at once (`exit_now`) with main's exit code."""
+    try:
+        _run(main)
+    except SystemExit as e:
+        exit_now(e.code)
+    exit_now(0)
+
+
+def exit_now(code: Any = 0) -> NoReturn:
+    """End the process as `sys.exit(code)` would, less the interpreter's teardown: the atexit handlers run (logging's
+    flush and close, W&B's, multiprocessing's, temporary-folder finalizers), stdout and stderr are flushed, then
+    `os._exit`. The teardown it skips, freeing every module and object of torch, Lightning, diffusers and
+    transformers one by one, took 1.2 s of the 1.7 s from a tiny run's last step to its exit on this 2-core machine
+    (`import torch, lightning` alone: 1.2 s from the last line to the exit), and does nothing a finished run needs."""
+    import atexit
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed to stderr, exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        atexit._run_exitfuncs()  # CPython's own atexit runner (private but stable since 2.x; no public equivalent)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream
+                pass
+        os._exit(code)
+
+
+def _run(main: Callable[[], Any]) -> Any:
     from hydra.errors import HydraException
 
     asked_full = os.environ.get(FULL_ERROR)

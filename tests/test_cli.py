@@ -1,0 +1,55 @@
+"""dreambench.cli.run: the entry points end with main's exit code, their atexit handlers run and their output is
+flushed, although the interpreter's teardown is skipped (cli.exit_now)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import atexit, logging, sys
+from pathlib import Path
+from dreambench.cli import run
+
+out = Path(sys.argv[1])
+log = logging.getLogger("t")
+log.addHandler(logging.FileHandler(out / "train.log", delay=True))
+log.setLevel(logging.INFO)
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+class Unflushed:  # what a teardown would finish: its __del__ never runs under os._exit
+    def __del__(self):
+        (out / "del").write_text("ran")
+keep = Unflushed()
+
+def main():
+    sys.stdout.write("no newline, still buffered")  # a pipe: block-buffered
+    log.info("last log line")
+    how = sys.argv[2]
+    if how == "code":
+        sys.exit(3)
+    if how == "message":
+        sys.exit("dreambench: error: a message")
+    return 0.5
+
+run(main)
+raise AssertionError("run() returned")
+"""
+
+
+@pytest.mark.parametrize("how,code", [("return", 0), ("code", 3), ("message", 1)])
+def test_run_exits_with_mains_code_after_atexit_handlers_and_flushed_output(how, code, tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path), how], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert p.returncode == code, p.stderr[-2000:]
+    assert p.stdout == "no newline, still buffered"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "train.log").read_text() == "last log line\n"  # logging's own atexit flush
+    assert not (tmp_path / "del").exists()  # the teardown really was skipped
+    assert ("a message" in p.stderr) == (how == "message")
