@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +153,7 @@ class DreamBoothModule(L.LightningModule):
         with self._precision():
             self.instance_bank = LatentBank.from_paths(self.vae, self.instance_paths, res, cfg.data.center_crop,
                                                        cfg.data.hflip, masks=masks)
-            self.class_bank = (LatentBank.from_paths(self.vae, class_paths, res, cfg.data.center_crop, cfg.data.hflip)
-                               if class_paths else None)
+            self.class_bank = self._class_bank(class_paths, res) if class_paths else None
         if cfg.data.get("buckets"):
             self._setup_buckets(res)
         self.instance_ids = self._tokenize(self.instance_prompt).to(device)
@@ -172,6 +172,21 @@ class DreamBoothModule(L.LightningModule):
             self.ema = self._make_ema()
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
+
+    def _class_bank(self, class_paths: list[Path], res: int) -> LatentBank:
+        """The class images' latents, cached by content in data.latents_cache_dir (null: none)."""
+        cfg = self.run_cfg
+        cache = cfg.data.get("latents_cache_dir")
+        p = next(self.vae.parameters())
+        context = {"model": self.components.identity, "vae": dict(self.vae.config), "dtype": str(p.dtype),
+                   "device": p.device.type, "precision": str(cfg.trainer.precision),
+                   "vae_fp32": bool(getattr(self.vae, "_dreambench_fp32", False))}
+        t0 = time.perf_counter()
+        bank, hit = LatentBank.cached(cache, context, self.vae, class_paths, res, cfg.data.center_crop,
+                                      cfg.data.hflip)
+        log.info("class latents: %s (%d images, %.1f s)", "cache hit" if hit else
+                 ("encoded, cached" if cache else "encoded"), len(class_paths), time.perf_counter() - t0)
+        return bank
 
     def _setup_buckets(self, res: int) -> None:
         """data.buckets: each photo at the aspect-ratio bucket nearest its own aspect (diffusers'

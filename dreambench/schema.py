@@ -43,6 +43,7 @@ class DataSchema:
     resolution: int = 512
     center_crop: bool = True
     hflip: bool = False
+    latents_cache_dir: str | None = None
     batch_size: int = 1
     on_bad_image: str = "error"
     min_size: int | None = None

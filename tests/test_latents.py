@@ -29,3 +29,37 @@ def test_each_epoch_draws_every_image_once_in_a_seeded_order():
     assert sorted(first) == sorted(second) == [0, 1, 2, 3, 4] and first != second
     assert draw_indices(5, 0, [7, 3]) == [second[2], first[3]]  # a pure function of the position
     assert draw_indices(5, 1, range(5)) != first
+
+
+def test_class_latents_are_kept_by_content_and_load_back_bit_for_bit(tiny_model_dir, dataset_root, tmp_path):
+    import shutil
+
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae", use_safetensors=True)
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for p in sorted((dataset_root / "dog").glob("*.jpg"))[:3]:
+        shutil.copy(p, folder / p.name)
+    paths = sorted(folder.iterdir())
+    cache, ctx = tmp_path / "latents", {"model": "tiny", "dtype": "torch.float32"}
+    first, hit = LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)
+    assert not hit and len(list(cache.iterdir())) == 1
+    again, hit = LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)
+    assert hit
+    fresh = LatentBank.from_paths(vae, paths, 32, hflip=True)
+    for a, b in ((again.mean, fresh.mean), (again.std, fresh.std), (again.geometry, fresh.geometry)):
+        assert torch.equal(a, b) and a.stride() == b.stride()  # the layout too: the UNet's numbers depend on it
+    assert torch.equal(first.mean, fresh.mean)
+    # Anything that decides the numbers is in the key: the settings, the context, an image's bytes.
+    assert not LatentBank.cached(cache, ctx, vae, paths, 32, hflip=False)[1]
+    assert not LatentBank.cached(cache, {**ctx, "dtype": "torch.bfloat16"}, vae, paths, 32, hflip=True)[1]
+    with Image.open(paths[0]) as im:
+        im.rotate(90).save(paths[0])
+    changed, hit = LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)
+    assert not hit and not torch.equal(changed.mean, fresh.mean)
+    # A torn file is encoded again and replaced, not trusted.
+    for f in cache.iterdir():
+        f.write_bytes(f.read_bytes()[:100])
+    torn, hit = LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)
+    assert not hit and torch.equal(torn.mean, changed.mean)
+    assert LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)[1]

@@ -262,3 +262,24 @@ def test_base_of_a_tiny_run_from_another_cache_loads_from_todays_cache(tmp_path,
     from diffusers import UNet2DConditionModel
     ref = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_a_run_on_cached_class_latents_trains_exactly_as_one_that_encodes_them(tmp_path):
+    # data.latents_cache_dir: the second run loads the class latents the first one kept and its losses are the
+    # same numbers; so are those of a run that encodes them (null: no cache).
+    from dreambench.train import train
+    latents = tmp_path / "latents"
+
+    def run(name: str, *extra: str) -> dict:
+        return train(compose(["+experiment=dog", *TINY, "trainer.max_steps=3", "train.samples=false",
+                              "train.export_model=false", f"data.latents_cache_dir={latents}",
+                              f"paths.run_dir={tmp_path / name}", *extra]))
+    never = run("never", "data.latents_cache_dir=null")
+    assert not latents.exists()
+    first = run("first")
+    kept = {f: f.stat().st_mtime_ns for f in latents.iterdir()}
+    assert len(kept) == 1
+    second = run("second")
+    assert {f: f.stat().st_mtime_ns for f in latents.iterdir()} == kept  # read, not written again
+    for key in ("train/loss", "train/loss_instance", "train/loss_prior"):
+        assert first[key] == second[key] == never[key], (key, first[key], second[key], never[key])

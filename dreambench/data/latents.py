@@ -128,6 +128,46 @@ class LatentBank:
             masks = latent_mask(masks, tuple(mean.shape[-2:])).to(mean.device)
         return cls(mean, std, masks, geometry)
 
+    @classmethod
+    def cached(cls, cache_dir: str | Path | None, context: dict, vae, paths: Sequence[Path], resolution: int,
+               center_crop: bool = True, hflip: bool = False, batch_size: int = 8) -> tuple["LatentBank", bool]:
+        """`from_paths`, kept under `cache_dir` by content: the bytes of every image and `context` (what else
+        decides the numbers: the model's identity, the VAE's dtype and device, the precision). A second run
+        with the same class images loads their latents instead of encoding them again (200 class images at
+        512²: seconds on a GPU, most of a CPU run's start). Returns (bank, whether it came from the cache);
+        `cache_dir` None: no cache."""
+        if cache_dir is None:
+            return cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size), False
+        from safetensors.torch import load_file, save
+
+        from dreambench.utils.io import atomic_write_bytes
+        key = bank_key(paths, {**context, "resolution": resolution, "center_crop": center_crop, "hflip": hflip,
+                               "batch_size": batch_size, "scale": latent_scale(vae),
+                               "shift": getattr(vae.config, "shift_factor", None)})
+        f = Path(cache_dir).expanduser() / f"{key}.safetensors"
+        device = next(vae.parameters()).device
+        if f.is_file():
+            try:
+                from safetensors import safe_open
+                with safe_open(str(f), "pt") as sf:
+                    layout = (sf.metadata() or {}).get("layout", "contiguous")
+                t = load_file(str(f), device=str(device))
+                mean, std = t["mean"], t["std"]
+                if layout == "channels_last":
+                    mean, std = (x.contiguous(memory_format=torch.channels_last) for x in (mean, std))
+                return cls(mean, std, None, t["geometry"]), True
+            except Exception:  # noqa: BLE001 - a torn or foreign file: encode again and replace it
+                pass
+        bank = cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        # The VAE's output may come channels-last (oneDNN on a CPU): its layout is restored on loading, as the
+        # UNet's convolutions on a channels-last input differ from a contiguous one's in the last bits.
+        cl = bank.mean.is_contiguous(memory_format=torch.channels_last) and not bank.mean.is_contiguous()
+        atomic_write_bytes(f, save({"mean": bank.mean.contiguous().cpu(), "std": bank.std.contiguous().cpu(),
+                                    "geometry": bank.geometry.contiguous().cpu()},
+                                   metadata={"layout": "channels_last" if cl else "contiguous"}))
+        return bank, False
+
     def to(self, device) -> "LatentBank":
         return LatentBank(self.mean.to(device), self.std.to(device),
                           self.mask.to(device) if self.mask is not None else None, self.geometry.to(device))
@@ -135,6 +175,16 @@ class LatentBank:
     def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, std = self.mean[idx], self.std[idx]
         return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+def bank_key(paths: Sequence[Path], context: dict) -> str:
+    """A digest of the images' bytes, in order, and of `context` (JSON)."""
+    import hashlib
+    import json
+    h = hashlib.sha256(json.dumps(context, sort_keys=True, default=str).encode())
+    for p in paths:
+        h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()[:32]
 
 
 def draw_indices(n: int, seed: int, positions: Sequence[int]) -> list[int]:
