@@ -53,3 +53,14 @@ def test_run_exits_with_mains_code_after_atexit_handlers_and_flushed_output(how,
     assert (tmp_path / "train.log").read_text() == "last log line\n"  # logging's own atexit flush
     assert not (tmp_path / "del").exists()  # the teardown really was skipped
     assert ("a message" in p.stderr) == (how == "message")
+
+
+def test_under_a_profiler_run_exits_the_ordinary_way_so_the_profile_is_written(tmp_path):
+    script = tmp_path / "entry.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    prof = tmp_path / "run.prof"
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), str(script), str(tmp_path), "return"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                       check=False)
+    assert p.returncode == 0, p.stderr[-2000:]  # (cProfile swallows a script's SystemExit: always 0 under it)
+    assert prof.is_file() and prof.stat().st_size > 0 and (tmp_path / "atexit").read_text() == "ran"
