@@ -283,6 +283,74 @@ def case_startup(s: Settings) -> list[dict[str, Any]]:
                 "memory plan, latents)", whole_run_s=stats(total)["median"])]
 
 
+LAST_STEP = re.compile(r"last training step ended .*?at (\d{4}-\d\d-\d\dT[0-9:.]+Z)")
+REF_STAMP = re.compile(r"reference: (first training step|last training step ended) at (\d{4}-\d\d-\d\dT[0-9:.]+Z)")
+
+
+def _utc(stamp: str) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def case_whole_run(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
+    """A whole tiny run from the command to the exit, dreambench (`python -m dreambench.train`) against the
+    reference whole run (bench/reference_run.py: diffusers' train_dreambooth.py without Accelerate): 300 steps,
+    batch 1 + 1, 5 instance and 16 class images already on disk, one thread each, interleaved. Each run's command
+    -> first step, first -> last step, last step -> exit, from the runs' own UTC log stamps."""
+    steps = 20 if s.quick else 300
+    n = 1 if s.quick else max(3, s.reps - 2)
+    inst = synthetic_images(s.work / "whole" / "instance", 5, 64, seed=3)
+    cls = synthetic_images(s.work / "whole" / "class", 16, 64, seed=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    common = ["model=tiny", f"data.instance_dir={inst}", "data.subject=bench", "data.class_noun=dog",
+              "data.live=false", "prior=folder", f"prior.folder={cls}", "logger=csv", "threads=1",
+              f"trainer.max_steps={steps}", "train.checkpoint_every_n_steps=0"]
+
+    def dreambench(extra: list[str]):
+        def go(run_dir: Path) -> list[str]:
+            return [sys.executable, "-m", "dreambench.train", *common, *extra, f"hydra.run.dir={run_dir}"]
+        return go
+
+    def reference(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "bench.reference_run", "--model", tiny_ref, "--instance-dir", str(inst),
+                "--class-dir", str(cls), "--out", str(run_dir / "model"), "--steps", str(steps)]
+    variants = {"reference whole run (diffusers' train_dreambooth.py, no Accelerate)": reference,
+                "dreambench, as used (sample grids at step 0 and the end, export)": dreambench([]),
+                "dreambench, train.samples=false (no grids; export)": dreambench(["train.samples=false"])}
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    for r in range(n + 1):  # the first round warms the file cache and the tiny model: not counted
+        for name, cmd in variants.items():
+            run_dir = Path(tempfile.mkdtemp(prefix="whole-", dir=s.work))
+            t0 = time.time()
+            p = subprocess.run(cmd(run_dir), check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=1800)
+            t_end = time.time()
+            text = p.stdout + p.stderr
+            if name.startswith("reference"):
+                marks = {w: _utc(t) for w, t in REF_STAMP.findall(text)}
+                first, last = marks.get("first training step"), marks.get("last training step ended")
+            else:
+                first, m = first_step_time(text), LAST_STEP.search(text)
+                last = _utc(m.group(1)) if m else None
+            if p.returncode != 0 or first is None or last is None:
+                raise RuntimeError(f"{name} failed (exit {p.returncode}): {text[-2000:]}")
+            if r > 0:
+                results[name].append({"total": t_end - t0, "first": first - t0, "steps": last - first,
+                                      "exit": t_end - last})
+            s.log(f"  [{r}/{n}] {name}: {t_end - t0:.1f} s (first step {first - t0:.1f} s, exit {t_end - last:.1f} s)")
+    ref = results[next(iter(variants))]
+    rows = []
+    for name, runs in results.items():
+        ratio = stats([a["total"] / b["total"] for a, b in zip(runs, ref)])["median"]
+        rows.append(row("whole run", name, "s", [x["total"] for x in runs],
+                        f"{steps} steps, tiny model, 1 + 1, 16 class images on disk, one thread, command -> exit",
+                        first_step_s=stats([x["first"] for x in runs])["median"],
+                        steps_s=stats([x["steps"] for x in runs])["median"],
+                        exit_s=stats([x["exit"] for x in runs])["median"],
+                        ratio_vs_reference=None if runs is ref else ratio))
+    return rows
+
+
 def case_class_images(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
     """Class-image generation as dreambench does it (its pipeline from in-memory components, DDIM, CFG 7.5)."""
     from dreambench.models.loading import load_components

@@ -23,7 +23,7 @@ import torch
 from bench import cases
 from bench.common import REPO, machine, write_results
 
-CASES = ("overhead", "switches", "syncs", "startup", "class_images", "scoring", "full_size", "families",
+CASES = ("overhead", "switches", "syncs", "startup", "whole_run", "class_images", "scoring", "full_size", "families",
          "memory_plan")
 
 
@@ -73,6 +73,13 @@ def markdown(result: dict[str, Any]) -> str:
             notes.append(", ".join(f"{k} {v:.2f}" for k, v in r["parts_gb"].items()))
         if r.get("whole_run_s") is not None:
             notes.append(f"whole 1-step run {r['whole_run_s']:.1f} s")
+        if r.get("first_step_s") is not None:
+            notes.append(f"command -> first step {r['first_step_s']:.1f} s, steps {r['steps_s']:.1f} s, "
+                         f"last step -> exit {r['exit_s']:.1f} s")
+        if r.get("ratio_vs_reference") is not None:
+            vs = f"{r['ratio_vs_reference']:.2f}× the reference's wall time (paired runs)"
+        if r.get("switches") is not None:
+            notes.append(f"rung: {r['switches']}")
         lines.append(f"| {r['case']} | {r['variant']} | {fmt(r['median'])} {r['unit']} | {spread} | "
                      f"{r.get('n', '')} | {vs} | {'; '.join(notes) or r.get('what', '')} |")
     lines += ["", ("Where a variant reads *as used*, each side does what it normally does (the reference: the "
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return rows
         run_case = {"overhead": overhead, "switches": lambda: cases.case_switches(s, ctx["baseline"]),
                     "syncs": lambda: cases.case_syncs(s, tiny_ref), "startup": lambda: cases.case_startup(s),
+                    "whole_run": lambda: cases.case_whole_run(s, tiny_ref),
                     "class_images": lambda: cases.case_class_images(s, tiny_ref),
                     "scoring": lambda: cases.case_scoring(s), "full_size": lambda: cases.case_full_size(s),
                     "families": lambda: cases.case_families(s), "memory_plan": cases.case_memory_plan}

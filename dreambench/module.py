@@ -96,6 +96,7 @@ class DreamBoothModule(L.LightningModule):
             self.unet.set_attn_processor(AttnProcessor())
         speed.apply_channels_last(self.unet, bool(cfg.model.get("channels_last", False)))
         self._first_step = speed.FirstStepClock()
+        self._last_step = speed.FirstStepClock("last training step ended")
         # Lightning restores checkpoints with only the trained weights (see on_save_checkpoint).
         self.strict_loading = False
         self.noise_generator: torch.Generator | None = None
@@ -638,6 +639,8 @@ class DreamBoothModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = int(self.val_cfg.get("every_n_steps") or 0)
         step = self.global_step
+        if step >= int(self.trainer.max_steps) and self.trainer.is_global_zero:
+            self._last_step()  # the module's hook runs after the callbacks' (checkpoint, grids) of this step
         if self.val_set is not None and step % every == 0 and step != self._val_last_step:
             self._val_last_step = step  # once per optimizer step, also with gradient accumulation
             values = {k: float(v) for k, v in self.validation_loss().items()}

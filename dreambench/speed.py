@@ -109,12 +109,14 @@ def allow_clipping(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 class FirstStepClock:
-    """Logs when the first training step starts: seconds since the process started, and the UTC clock time to
-    the millisecond (ISO 8601: what a person reads, and what `make bench` parses to time command -> first step
-    from outside)."""
+    """Logs when the first training step starts (`what="first training step"`; the last one's end: "last training
+    step ended"): seconds since the process started, and the UTC clock time to the millisecond (ISO 8601: what a
+    person reads, and what `make bench` parses to time command -> first step and last step -> exit from
+    outside)."""
 
-    def __init__(self):
+    def __init__(self, what: str = "first training step"):
         self.done = False
+        self.what = what
 
     def __call__(self) -> None:
         if not self.done:
@@ -124,7 +126,7 @@ class FirstStepClock:
             import psutil  # installed with wandb; the process's own start time, not this module's import
             now = time.time()
             stamp = datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            log.info("first training step %.1f s after the command started (at %s)",
+            log.info("%s %.1f s after the command started (at %s)", self.what,
                      now - psutil.Process().create_time(), stamp)
 
 

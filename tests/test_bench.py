@@ -331,6 +331,19 @@ def test_startup_case_reads_the_first_step_line_the_trainer_logs(caplog):
     assert before - 1e-3 <= bench.cases.first_step_time(line) <= time.time() + 1e-3
 
 
+def test_a_run_logs_when_its_last_step_ended_once_for_the_whole_run_case(caplog, images, tmp_path):
+    import time
+
+    from bench.cases import LAST_STEP, _utc
+    from dreambench.train import train
+    with caplog.at_level("INFO", logger="dreambench"):
+        before = time.time()
+        train(compose(overrides(images, tmp_path / "run", "trainer.max_steps=3", "trainer.accumulate_grad_batches=2")))
+    lines = [r.getMessage() for r in caplog.records if "training step" in r.getMessage()]
+    assert [x.split(" ", 3)[0] for x in lines] == ["first", "last"]  # once each, with accumulation too
+    assert before <= _utc(LAST_STEP.search(lines[1]).group(1)) <= time.time() + 1e-3
+
+
 def test_a_training_step_reads_nothing_back_between_logging_steps(tmp_path):
     # The bench's syncs case on the real train(): logging every 5 steps, 10 timed steps. Host reads are counted
     # two ways: aten._local_scalar_dense (.item(), bool(t), float(t): Lightning's per-metric reads used to be
@@ -342,3 +355,26 @@ def test_a_training_step_reads_nothing_back_between_logging_steps(tmp_path):
     res = cases.dreambench_steps(s, ["model=tiny"], ["trainer.log_every_n_steps=5"], "sync", sync_count=True)
     assert res["sync_sites"] == {"speed.read_back (losses + numerics flags, logging steps)": 2}, res["sync_sites"]
     assert res["syncs_per_step"] == 0.2
+
+
+def test_the_reference_whole_run_trains_saves_a_pipeline_and_stamps_its_steps(tmp_path):
+    # bench/reference_run.py is what `make bench`'s whole_run case times dreambench against: it must really train
+    # (the UNet moves), end with the example's saved pipeline, and log the two stamps the case parses.
+    from bench.cases import REF_STAMP, _utc
+    from bench.common import synthetic_images
+    from dreambench.models.tiny import ensure_tiny_model
+    tiny = ensure_tiny_model(compose(["model=tiny"]).model.pretrained)
+    inst = synthetic_images(tmp_path / "instance", 2, 64, seed=0)
+    cls = synthetic_images(tmp_path / "class", 3, 64, seed=1)
+    p = subprocess.run([sys.executable, "-m", "bench.reference_run", "--model", str(tiny), "--instance-dir", str(inst),
+                        "--class-dir", str(cls), "--out", str(tmp_path / "out"), "--steps", "3", "--lr", "1e-3"],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    marks = {w: _utc(t) for w, t in REF_STAMP.findall(p.stderr)}
+    assert marks["first training step"] <= marks["last training step ended"]
+    from safetensors.torch import load_file
+    before = load_file(str(next((tiny / "unet").glob("*.safetensors"))))
+    after = load_file(str(next((tmp_path / "out" / "unet").glob("*.safetensors"))))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
