@@ -156,8 +156,10 @@ class LatentBank:
                 if layout == "channels_last":
                     mean, std = (x.contiguous(memory_format=torch.channels_last) for x in (mean, std))
                 return cls(mean, std, None, t["geometry"]), True
-            except Exception:  # noqa: BLE001 - a torn or foreign file: encode again and replace it
-                pass
+            except Exception as e:  # noqa: BLE001 - a torn or foreign file: encode again and replace it
+                import logging
+                logging.getLogger("dreambench").warning("class latents: %s unreadable (%s); encoding again", f,
+                                                        type(e).__name__)
         bank = cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size)
         f.parent.mkdir(parents=True, exist_ok=True)
         # The VAE's output may come channels-last (oneDNN on a CPU): its layout is restored on loading, as the
