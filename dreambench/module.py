@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dreambench import losses, speed
 from dreambench.data.latents import LatentBank, draw_indices
@@ -303,6 +303,20 @@ class DreamBoothModule(L.LightningModule):
             with self._precision():
                 return generate(pipe, prompts, seeds, guidance, batch_size=batch, progress=False)
         return render
+
+    def sample_cache_context(self) -> dict[str, Any]:
+        """What decides the untrained model's sample images besides the prompts and seeds (the step-0 grid's cache
+        key, callbacks.samples): the base model's identity, the run's model / method / guidance / prompt / seed
+        settings, the precision, the device and the dtype of every part."""
+        cfg = self.run_cfg
+        pick = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "method", "guidance")}
+        data = {k: cfg.data.get(k) for k in ("identifier", "class_noun", "instance_prompt", "class_prompt",
+                                             "resolution")}
+        dtypes = {name: str(next(m.parameters()).dtype) for name, m in
+                  (("unet", self.unet), ("vae", self.vae), *self.named_text_encoders(False)) if m is not None}
+        return {"model": self.components.identity, "cfg": pick, "data": data, "seed": int(cfg.seed),
+                "identifier": self.identifier, "precision": str(cfg.trainer.precision),
+                "device": self.device.type, "dtypes": dtypes, "call": self.family.call_kwargs()}
 
     def sampling_pipeline(self, guidance: dict[str, Any] | None = None):
         g = dict(guidance or self.run_cfg.guidance)

@@ -121,6 +121,7 @@ class LossSchema:
 class TrainSchema:
     sample_every_n_steps: int = 200
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    sample_cache_dir: str | None = None
     checkpoint_every_n_steps: int = 200
     keep_checkpoints: int = 1
     lr_scheduler: str = "constant"

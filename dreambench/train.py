@@ -239,7 +239,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     preemption = Preemption(ckpt_dir)
     # Preemption first: its signal handlers are in place before the step-0 sample grid appears.
     callbacks: list[Any] = [preemption, SampleGrid(run_dir / "samples", int(cfg.train.sample_every_n_steps),
-                                                   seeds=list(cfg.train.sample_seeds)),
+                                                   seeds=list(cfg.train.sample_seeds),
+                                                   cache_dir=cfg.train.get("sample_cache_dir")),
                             NumericsGuard(str(cfg.train.get("on_nonfinite", "stop"))), FlushLoggersOnCheckpoint()]
     if every_ckpt > 0:
         # save_top_k=-1: AtomicCheckpointIO prunes (after the new file is complete), preemption checkpoints too.

@@ -283,3 +283,41 @@ def test_a_run_on_cached_class_latents_trains_exactly_as_one_that_encodes_them(t
     assert {f: f.stat().st_mtime_ns for f in latents.iterdir()} == kept  # read, not written again
     for key in ("train/loss", "train/loss_instance", "train/loss_prior"):
         assert first[key] == second[key] == never[key], (key, first[key], second[key], never[key])
+
+
+def test_the_step_0_grid_is_kept_by_content_and_shown_again_without_sampling(tmp_path):
+    # train.sample_cache_dir: a second run with the same settings shows the untrained model's images it kept,
+    # pixel for pixel what sampling gives (a run without the cache), and samples nothing before its first step;
+    # a setting that changes the images (guidance scale) samples again.
+    import numpy as np
+
+    import dreambench.callbacks.samples as samples
+    from dreambench.train import train
+    grids = tmp_path / "grids"
+    calls = []
+    real = samples.generate
+
+    def counting(*a, **k):
+        calls.append(len(a[1]))
+        return real(*a, **k)
+
+    def run(name: str, *extra: str) -> np.ndarray:
+        calls.clear()
+        train(compose(["+experiment=dog", *TINY, "trainer.max_steps=2", "train.export_model=false",
+                       f"train.sample_cache_dir={grids}", f"paths.run_dir={tmp_path / name}", *extra]))
+        with Image.open(tmp_path / name / "samples" / "step_000000.png") as im:
+            return np.asarray(im.convert("RGB"))
+    samples.generate = counting
+    try:
+        never = run("never", "train.sample_cache_dir=null")
+        assert calls == [8, 8]  # step 0 and the end: 4 prompts x 2 seeds each
+        first = run("first")
+        assert calls == [8, 8] and len(list(grids.iterdir())) == 1
+        second = run("second")
+        assert calls == [8]  # only the end grid: the step-0 images came from the cache
+        assert np.array_equal(first, never) and np.array_equal(second, never)
+        run("other guidance", "guidance.guidance_scale=3.0")
+        assert calls == [8, 8] and len(list(grids.iterdir())) == 2
+    finally:
+        samples.generate = real
+    assert (tmp_path / "second" / "samples" / "before_after.png").is_file()

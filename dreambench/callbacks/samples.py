@@ -1,11 +1,20 @@
 """Fixed-seed sample grids at step 0, every N steps and at the end: the first thing a person looks at.
 
 At the end of a run `before_after.png` puts the first grid of the run beside the last, one row per prompt: what
-training changed, prompt by prompt (the subject in new contexts, and the bare class prompt, where drift shows)."""
+training changed, prompt by prompt (the subject in new contexts, and the bare class prompt, where drift shows).
+
+The step-0 grid is the untrained model's, so it is kept by content (`cache_dir`, train.sample_cache_dir): a
+digest of everything that decides its pixels (the base model's identity, the run's model / method / guidance /
+prompt settings, the seeds, the precision, the device and the weights' dtypes, `DreamBoothModule.
+sample_cache_context`). A second run with the same digest shows the kept images instead of sampling them again
+before its first step."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +22,15 @@ import torch
 
 from dreambench.sampling import generate, image_grid
 
+log = logging.getLogger("dreambench")
+
 
 class SampleGrid(L.Callback):
     def __init__(self, folder: str | Path, every_n_steps: int = 200, prompts: list[str] | None = None,
-                 seeds: list[int] = (0, 1), batch_size: int = 4):
+                 seeds: list[int] = (0, 1), batch_size: int = 4, cache_dir: str | Path | None = None):
         self.folder, self.every = Path(folder), int(every_n_steps)
         self.prompts, self.seeds, self.batch_size = prompts, list(seeds), batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._last_step = -1
         self._first: tuple[int, list[str], list] | None = None  # (step, prompts, images) of the run's first grid
         self._last: list = []                                   # the images of the latest grid
@@ -40,16 +52,14 @@ class SampleGrid(L.Callback):
         self._last_step = step
         prompts = self._prompts(pl_module)
         pairs = [(p, s) for p in prompts for s in self.seeds]
-        unet_training = pl_module.unet.training
-        pl_module.unet.eval()
-        try:
-            pipe = pl_module.sampling_pipeline()
-            # train.ema: grids show the averaged weights, the ones the run exports.
-            with pl_module._precision(), getattr(pl_module, "ema_weights", contextlib.nullcontext)():
-                images = generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], pl_module.run_cfg.guidance,
-                                  batch_size=self.batch_size, progress=False)
-        finally:
-            pl_module.unet.train(unet_training)
+        cached = self._cache_folder(pl_module, pairs) if step == 0 else None
+        images = self._load(cached, len(pairs)) if cached is not None else None
+        if images is None:
+            images = self._sample(pl_module, pairs)
+            if cached is not None:
+                self._keep(cached, images)
+        else:
+            log.info("sample grid at step 0: the untrained model's images from %s (cache hit)", cached)
         grid = image_grid(images, cols=len(self.seeds) * 2, labels=[p for p, _ in pairs])
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step_{step:06d}.png"
@@ -61,6 +71,59 @@ class SampleGrid(L.Callback):
             if hasattr(logger, "log_image"):  # W&B
                 logger.log_image("samples", [grid], step=step, caption=[f"step {step}"])
         return path
+
+    def _sample(self, pl_module, pairs: list[tuple[str, int]]) -> list:
+        unet_training = pl_module.unet.training
+        pl_module.unet.eval()
+        try:
+            pipe = pl_module.sampling_pipeline()
+            # train.ema: grids show the averaged weights, the ones the run exports.
+            with pl_module._precision(), getattr(pl_module, "ema_weights", contextlib.nullcontext)():
+                return generate(pipe, [p for p, _ in pairs], [s for _, s in pairs], pl_module.run_cfg.guidance,
+                                batch_size=self.batch_size, progress=False)
+        finally:
+            pl_module.unet.train(unet_training)
+
+    def _cache_folder(self, pl_module, pairs: list[tuple[str, int]]) -> Path | None:
+        context = getattr(pl_module, "sample_cache_context", None)
+        if self.cache_dir is None or context is None:
+            return None
+        key = {"context": context(), "pairs": pairs}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self.cache_dir / digest
+
+    @staticmethod
+    def _load(folder: Path, n: int) -> list | None:
+        from PIL import Image
+        if not (folder / "done").is_file():  # written last: a folder without it is incomplete
+            return None
+        try:
+            images = []
+            for i in range(n):
+                with Image.open(folder / f"{i:02d}.png") as im:
+                    images.append(im.convert("RGB"))
+            return images
+        except OSError:
+            return None
+
+    @staticmethod
+    def _keep(folder: Path, images: list) -> None:
+        import os
+
+        from dreambench.utils.io import safe_rmtree
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(images):
+                im.save(tmp / f"{i:02d}.png")
+            (tmp / "done").write_text("")
+            if (folder / "done").is_file():  # another run kept the same images first
+                safe_rmtree(tmp, folder.parent)
+                return
+            os.replace(tmp, folder)
+        except OSError as e:  # a full or read-only cache: the run goes on without it
+            log.warning("sample grid cache: could not keep the step-0 images in %s (%s)", folder, e)
+            safe_rmtree(tmp, folder.parent)
 
     def on_train_start(self, trainer, pl_module):
         self.render(trainer, pl_module)
