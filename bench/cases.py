@@ -92,7 +92,8 @@ def dreambench_steps(s: Settings, model: list[str], extra: list[str], tag: str, 
     cuda_debug = sync_count and s.cuda
     from dreambench import speed
     reads = {}
-    with StepClock(sync=s.cuda and not sync_count) as clock, warnings.catch_warnings(record=True) as caught:
+    with StepClock(sync=s.cuda and not sync_count, cpu_from=s.warmup, cpu_to=s.warmup + s.steps) as clock, \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if counter is not None:  # count over the timed steps only
             def start():
