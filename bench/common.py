@@ -73,8 +73,11 @@ def compose(overrides: list[str]):
 
 def train_overrides(work: Path, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
     """A dreambench run on the bench's synthetic subject and class images (prior=folder: no class-image
-    generation inside the measurement), no sample grids, checkpoints or export."""
+    generation inside the measurement), no sample grids, checkpoints or export, on the bench's torch threads:
+    left to itself a run takes every usable core (`threads: null`), and in-process it would leave them set for
+    the reference loop measured after it."""
     return [f"data.instance_dir={work / 'instance'}", "data.subject=bench", "data.class_noun=dog", "data.live=false",
+            f"threads={torch.get_num_threads()}",
             "prior=folder", f"prior.folder={work / 'class'}", "logger=csv", f"paths.run_dir={run_dir}",
             f"trainer.max_steps={steps}", "train.samples=false", "train.checkpoint_every_n_steps=0",
             "train.export_model=false", "progress=false", *extra]
