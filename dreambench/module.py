@@ -536,6 +536,22 @@ class DreamBoothModule(L.LightningModule):
     def _ema_offloaded(self) -> bool:
         return str(self.ema_cfg.get("device", "same")) == "cpu"
 
+    clip_feeds_guard = True  # configure_gradient_clipping hands the clip's total norm to the NumericsGuard
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clipping by norm as Lightning's does it (torch's clip_grad_norm_ over the optimizer's gradients), keeping
+        the total norm it computes for the NumericsGuard's non-finite check: one pass over the gradients a step,
+        not two."""
+        from dreambench.resilience import NumericsGuard
+        guard = next((c for c in self.trainer.callbacks if isinstance(c, NumericsGuard)), None)
+        if guard is None or not guard.checks_after_clip(self.trainer, self):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        total = torch.nn.utils.clip_grad_norm_(grads, float(gradient_clip_val)) if grads else None
+        if total is not None:
+            guard.after_clip(self.trainer, self, optimizer, total)
+        return None
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # The method's fix-up (textual inversion copies back the embedding rows that must not move) and the EMA

@@ -175,3 +175,58 @@ def test_vae_that_overflows_in_fp16_runs_in_fp32(tiny_model_dir):
     assert half.dtype == torch.float16 and not torch.isfinite(half).all()  # the failure being guarded against
     assert full.dtype == torch.float32 and torch.isfinite(full).all() and image.dtype == torch.float32
     assert torch.isfinite(image).all()
+
+
+def _poison_grad_at(monkeypatch, step: int) -> None:
+    """The `step`-th training step (1-based) gets an inf gradient in one UNet weight while its loss stays finite."""
+    from dreambench.module import DreamBoothModule
+    original = DreamBoothModule.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch, batch_idx):
+        calls["n"] += 1
+        loss = original(self, batch, batch_idx)
+        if calls["n"] == step:
+            w = self.unet.conv_in.weight
+            handle = w.register_hook(lambda g: (handle.remove(), g * float("inf"))[1])
+        return loss
+    monkeypatch.setattr(DreamBoothModule, "training_step", poisoned)
+
+
+@pytest.mark.parametrize("clip", ["1.0", "null"])
+def test_a_non_finite_gradient_in_a_run_is_caught_with_and_without_clipping(clip, tmp_path, monkeypatch, caplog):
+    # With clipping by norm (the default) the guard reads the clip's total norm (one pass over the gradients);
+    # without, its own norms. Either way the step is named and, in skip mode, dropped.
+    from dreambench.resilience import NonFiniteError
+    from dreambench.train import train
+    _poison_grad_at(monkeypatch, 3)
+    with pytest.raises(NonFiniteError, match="non-finite gradient at training step 3 of 6"):
+        train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'stop'}", f"trainer.gradient_clip_val={clip}",
+                       "train.export_model=false"]))
+    _poison_grad_at(monkeypatch, 3)
+    run = tmp_path / "skip"
+    with caplog.at_level(logging.WARNING, logger="dreambench"):
+        metrics = train(compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", f"trainer.gradient_clip_val={clip}",
+                                 "train.on_nonfinite=skip", "train.export_model=false",
+                                 "train.checkpoint_every_n_steps=6"]))
+    assert metrics["train/skipped_steps"] == 1.0 and "non-finite gradient at training step 3 of 6" in caplog.text
+    ck = torch.load(run / "checkpoints" / "step=000006.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values())
+
+
+def test_clipping_hands_the_guard_its_total_norm_instead_of_a_second_pass(tmp_path, monkeypatch):
+    from dreambench.resilience import numerics
+    from dreambench.train import train
+    passes = {"own": 0}
+    own = numerics._grad_norms
+
+    def counting(optimizer):
+        passes["own"] += 1
+        return own(optimizer)
+    monkeypatch.setattr(numerics, "_grad_norms", counting)
+    train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'a'}", "train.export_model=false",
+                   "train.samples=false"]))
+    assert passes["own"] == 0
+    train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'b'}", "train.export_model=false",
+                   "train.samples=false", "trainer.gradient_clip_val=null"]))
+    assert passes["own"] == 6

@@ -73,19 +73,37 @@ class NumericsGuard(L.Callback):
                 and isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
                 and bool(optimizer.defaults.get("fused")))
 
-    def _bad_flag(self, trainer, optimizer) -> torch.Tensor | None:
-        """A 0-d bool on the device: the loss or a gradient is not finite (None: nothing to check)."""
+    def _bad_flag(self, trainer, optimizer, norms: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """A 0-d bool on the device: the loss or a gradient is not finite (None: nothing to check). `norms`: the
+        gradients' norms if already computed (the clip's total norm)."""
         checks = [] if self._loss is None else [~torch.isfinite(self._loss).all()]
         if getattr(trainer.precision_plugin, "scaler", None) is None:
-            norms = _grad_norms(optimizer)
+            norms = _grad_norms(optimizer) if norms is None else norms
             if norms:
                 checks.append(~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all())
         if not checks:
             return None
         return torch.stack([c.to(checks[0].device) for c in checks]).any()
 
+    @staticmethod
+    def checks_after_clip(trainer, pl_module) -> bool:
+        """The module clips by norm and hands the clip's total norm to `after_clip` (DreamBoothModule's
+        configure_gradient_clipping): a gradient is non-finite exactly when that norm is, so the guard reads it
+        instead of a second pass over every gradient. Not under a GradScaler (the scaler unscales, then clips)."""
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        return (getattr(pl_module, "clip_feeds_guard", False) and bool(getattr(trainer, "gradient_clip_val", None))
+                and getattr(algorithm, "value", algorithm) == "norm"
+                and getattr(trainer.precision_plugin, "scaler", None) is None)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        bad = self._bad_flag(trainer, optimizer)
+        if self.checks_after_clip(trainer, pl_module):
+            return  # after_clip, a moment later in the same step, before the update
+        self._act(trainer, pl_module, optimizer, self._bad_flag(trainer, optimizer))
+
+    def after_clip(self, trainer, pl_module, optimizer, total_norm: torch.Tensor) -> None:
+        self._act(trainer, pl_module, optimizer, self._bad_flag(trainer, optimizer, [total_norm]))
+
+    def _act(self, trainer, pl_module, optimizer, bad: torch.Tensor | None) -> None:
         if bad is None:
             return
         step = trainer.global_step + 1
