@@ -5,7 +5,8 @@ handlers sit on the root logger, every Lightning INFO line and every transformer
 (once bare, once in Hydra's format, which also goes to the run's train.log). Here their records go through the
 root handlers only, and what tells a user nothing actionable is dropped: Lightning's advert for a cloud logger,
 transformers' notice that torchvision is missing (dreambench has no torchvision on purpose: there is no CPU build
-of it for this torch, and transformers' PIL image processors are what it uses), and two Lightning warnings below.
+of it for this torch, and transformers' PIL image processors are what it uses), Lightning's "GPU available:
+False" lines, and the Lightning warnings below.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import logging
 import warnings
 
-NOT_ACTIONABLE = ("💡 Tip:", "requires torchvision (not installed)")
+# Lightning's "GPU available: False, used: False" / "TPU available: False, ..." on a machine without them ("GPU
+# available: True (cuda), used: ..." stays, and so does Lightning's warning when a GPU is there but unused).
+NOT_ACTIONABLE = ("💡 Tip:", "requires torchvision (not installed)", "available: False")
 # Lightning's warnings that are true of every dreambench run and ask nothing of the user: the frozen VAE and text
-# encoder are in eval mode on purpose, and the pytree deprecation is inside Lightning itself.
-NOT_ACTIONABLE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# encoder are in eval mode on purpose, the pytree deprecation is inside Lightning itself, and a run shorter than
+# log_every_n_steps has no epoch-level logs to miss (dreambench writes its losses at the last step).
+NOT_ACTIONABLE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                           r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 def _actionable(record: logging.LogRecord) -> bool:
