@@ -45,9 +45,9 @@ def _check_before_after(samples: Path) -> None:
 
 
 def test_in_process_run_writes_the_run_folder(tmp_path):
-    from dreambench.train import train
-
     import random
+
+    from dreambench.train import train
     seed = f"prior.seed={random.Random().randrange(10**6)}"  # class-image keys of its own, whatever the cache holds
     run = tmp_path / "run"
     cfg = compose(["+experiment=dog", *TINY, f"paths.run_dir={run}", "train.checkpoint_every_n_steps=3",
@@ -295,7 +295,7 @@ def test_the_step_0_grid_is_kept_by_content_and_shown_again_without_sampling(tmp
     # a setting that changes the images (guidance scale) samples again.
     import numpy as np
 
-    import dreambench.callbacks.samples as samples
+    from dreambench.callbacks import samples
     from dreambench.train import train
     grids = tmp_path / "grids"
     calls = []
