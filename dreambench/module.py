@@ -547,9 +547,8 @@ class DreamBoothModule(L.LightningModule):
         if guard is None or not guard.checks_after_clip(self.trainer, self):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         grads = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        total = torch.nn.utils.clip_grad_norm_(grads, float(gradient_clip_val)) if grads else None
-        if total is not None:
-            guard.after_clip(self.trainer, self, optimizer, total)
+        norms = [torch.nn.utils.clip_grad_norm_(grads, float(gradient_clip_val))] if grads else []
+        guard.after_clip(self.trainer, self, optimizer, norms)  # the loss is checked even with no gradient
         return None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -230,3 +230,19 @@ def test_clipping_hands_the_guard_its_total_norm_instead_of_a_second_pass(tmp_pa
     train(compose(["+experiment=dog", *TINY, f"paths.run_dir={tmp_path / 'b'}", "train.export_model=false",
                    "train.samples=false", "trainer.gradient_clip_val=null"]))
     assert passes["own"] == 6
+
+
+def test_with_clipping_a_non_finite_loss_is_caught_even_when_no_parameter_has_a_gradient():
+    # The guard leaves its check to the clip (checks_after_clip); with no gradient there is no norm to clip, and
+    # the loss must still be checked there.
+    from dreambench.module import DreamBoothModule
+    from dreambench.resilience import NonFiniteError, NumericsGuard
+    guard = NumericsGuard("stop")
+    trainer = SimpleNamespace(global_step=6, max_steps=10, gradient_clip_val=1.0, gradient_clip_algorithm=None,
+                              precision_plugin=SimpleNamespace(scaler=None), callbacks=[guard])
+    module = SimpleNamespace(trainer=trainer, clip_feeds_guard=True, log=lambda *a, **k: None)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)  # no .grad
+    guard.on_before_backward(trainer, module, torch.tensor(float("nan")))
+    guard.on_before_optimizer_step(trainer, module, opt)  # left to the clip
+    with pytest.raises(NonFiniteError, match="non-finite loss \\(nan\\) at training step 7 of 10"):
+        DreamBoothModule.configure_gradient_clipping(module, opt, 1.0, None)

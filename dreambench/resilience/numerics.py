@@ -100,8 +100,9 @@ class NumericsGuard(L.Callback):
             return  # after_clip, a moment later in the same step, before the update
         self._act(trainer, pl_module, optimizer, self._bad_flag(trainer, optimizer))
 
-    def after_clip(self, trainer, pl_module, optimizer, total_norm: torch.Tensor) -> None:
-        self._act(trainer, pl_module, optimizer, self._bad_flag(trainer, optimizer, [total_norm]))
+    def after_clip(self, trainer, pl_module, optimizer, norms: list[torch.Tensor]) -> None:
+        """`norms`: the clip's total norm ([] when no parameter has a gradient: the loss alone is checked)."""
+        self._act(trainer, pl_module, optimizer, self._bad_flag(trainer, optimizer, norms))
 
     def _act(self, trainer, pl_module, optimizer, bad: torch.Tensor | None) -> None:
         if bad is None:
