@@ -6,6 +6,7 @@ VAE's latent distribution (mean, std); each step samples from it, as encoding th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 from PIL import Image
 
 from dreambench.data.images import load_image
+
+log = logging.getLogger("dreambench")
 
 
 def resize_crop(image: Image.Image, resolution: int, center_crop: bool = True,
@@ -138,7 +141,8 @@ class LatentBank:
         `cache_dir` None: no cache."""
         if cache_dir is None:
             return cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size), False
-        from safetensors.torch import load_file, save
+        from safetensors import safe_open
+        from safetensors.torch import save
 
         from dreambench.utils.io import atomic_write_bytes
         key = bank_key(paths, {**context, "resolution": resolution, "center_crop": center_crop, "hflip": hflip,
@@ -148,18 +152,15 @@ class LatentBank:
         device = next(vae.parameters()).device
         if f.is_file():
             try:
-                from safetensors import safe_open
-                with safe_open(str(f), "pt") as sf:
+                with safe_open(str(f), "pt", device=str(device)) as sf:
                     layout = (sf.metadata() or {}).get("layout", "contiguous")
-                t = load_file(str(f), device=str(device))
+                    t = {k: sf.get_tensor(k) for k in ("mean", "std", "geometry")}
                 mean, std = t["mean"], t["std"]
                 if layout == "channels_last":
                     mean, std = (x.contiguous(memory_format=torch.channels_last) for x in (mean, std))
                 return cls(mean, std, None, t["geometry"]), True
             except Exception as e:  # noqa: BLE001 - a torn or foreign file: encode again and replace it
-                import logging
-                logging.getLogger("dreambench").warning("class latents: %s unreadable (%s); encoding again", f,
-                                                        type(e).__name__)
+                log.warning("class latents: %s unreadable (%s); encoding again", f, type(e).__name__)
         bank = cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size)
         f.parent.mkdir(parents=True, exist_ok=True)
         # The VAE's output may come channels-last (oneDNN on a CPU): its layout is restored on loading, as the
