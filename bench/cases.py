@@ -252,11 +252,16 @@ def case_syncs(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
 FIRST_STEP = re.compile(r"first training step .* \(at (\d{4}-\d\d-\d\dT[0-9:.]+Z)\)")
 
 
+def _utc(stamp: str) -> float:
+    """The unix time of an ISO 8601 UTC stamp as dreambench and the reference run log it ("...T05:33:38.262Z")."""
+    from datetime import datetime
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def first_step_time(text: str) -> float | None:
     """The unix time of the trainer's first-step log line (dreambench.speed.FirstStepClock), or None."""
-    from datetime import datetime
     m = FIRST_STEP.search(text)
-    return datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp() if m else None
+    return _utc(m.group(1)) if m else None
 
 
 def case_startup(s: Settings) -> list[dict[str, Any]]:
@@ -286,11 +291,6 @@ def case_startup(s: Settings) -> list[dict[str, Any]]:
 
 LAST_STEP = re.compile(r"last training step ended .*?at (\d{4}-\d\d-\d\dT[0-9:.]+Z)")
 REF_STAMP = re.compile(r"reference: (first training step|last training step ended) at (\d{4}-\d\d-\d\dT[0-9:.]+Z)")
-
-
-def _utc(stamp: str) -> float:
-    from datetime import datetime
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def case_whole_run(s: Settings, tiny_ref: str) -> list[dict[str, Any]]:
