@@ -63,3 +63,19 @@ def test_class_latents_are_kept_by_content_and_load_back_bit_for_bit(tiny_model_
     torn, hit = LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)
     assert not hit and torch.equal(torn.mean, changed.mean)
     assert LatentBank.cached(cache, ctx, vae, paths, 32, hflip=True)[1]
+
+
+def test_an_unwritable_latent_cache_is_a_warning_and_the_run_keeps_its_latents(tiny_model_dir, dataset_root, tmp_path,
+                                                                              caplog):
+    import logging
+
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae", use_safetensors=True)
+    paths = sorted((dataset_root / "dog").glob("*.jpg"))[:2]
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="dreambench"):
+        bank, hit = LatentBank.cached(not_a_folder / "latents", {"model": "tiny"}, vae, paths, 32)
+    assert not hit and torch.equal(bank.mean, LatentBank.from_paths(vae, paths, 32).mean)
+    assert "could not keep them" in caplog.text
+    assert not_a_folder.read_text() == "a file where the cache folder should be"  # nothing of the user's touched

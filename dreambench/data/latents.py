@@ -162,13 +162,16 @@ class LatentBank:
             except Exception as e:  # noqa: BLE001 - a torn or foreign file: encode again and replace it
                 log.warning("class latents: %s unreadable (%s); encoding again", f, type(e).__name__)
         bank = cls.from_paths(vae, paths, resolution, center_crop, hflip, batch_size)
-        f.parent.mkdir(parents=True, exist_ok=True)
         # The VAE's output may come channels-last (oneDNN on a CPU): its layout is restored on loading, as the
         # UNet's convolutions on a channels-last input differ from a contiguous one's in the last bits.
         cl = bank.mean.is_contiguous(memory_format=torch.channels_last) and not bank.mean.is_contiguous()
-        atomic_write_bytes(f, save({"mean": bank.mean.contiguous().cpu(), "std": bank.std.contiguous().cpu(),
-                                    "geometry": bank.geometry.contiguous().cpu()},
-                                   metadata={"layout": "channels_last" if cl else "contiguous"}))
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(f, save({"mean": bank.mean.contiguous().cpu(), "std": bank.std.contiguous().cpu(),
+                                        "geometry": bank.geometry.contiguous().cpu()},
+                                       metadata={"layout": "channels_last" if cl else "contiguous"}))
+        except OSError as e:  # a full or read-only cache: the run goes on with the latents it encoded
+            log.warning("class latents: could not keep them in %s (%s)", f.parent, e)
         return bank, False
 
     def to(self, device) -> "LatentBank":
