@@ -357,6 +357,30 @@ def test_a_training_step_reads_nothing_back_between_logging_steps(tmp_path):
     assert res["syncs_per_step"] == 0.2
 
 
+def test_bench_runs_keep_the_benchs_threads_and_read_cpu_time_over_the_window_only(tmp_path, monkeypatch):
+    # A dreambench run left to itself takes every usable core and, in-process, leaves torch there for the reference
+    # loop measured next; and two process_time() system calls a step were counted as dreambench's own cost.
+    import time as _time
+
+    from bench.common import StepClock, train_overrides
+    from dreambench.module import DreamBoothModule
+    with torch_threads(1):
+        assert compose(train_overrides(tmp_path, tmp_path / "run", 3, [])).threads == 1
+    with torch_threads(2):
+        assert compose(train_overrides(tmp_path, tmp_path / "run", 3, [])).threads == 2
+    monkeypatch.setattr(DreamBoothModule, "on_train_batch_start", lambda self, batch, i: None)
+    monkeypatch.setattr(DreamBoothModule, "on_train_batch_end", lambda self, out, batch, i: None)
+    calls = []
+    real = _time.process_time
+    monkeypatch.setattr(_time, "process_time", lambda: calls.append(1) or real())
+    clock = StepClock(cpu_from=1, cpu_to=3)
+    with clock:
+        for k in range(4):  # what Lightning calls around each of 4 steps
+            DreamBoothModule.on_train_batch_start(None, None, k)
+            DreamBoothModule.on_train_batch_end(None, None, None, k)
+    assert len(calls) == 2 and clock.steps_per_cpu_s(1) > 0
+
+
 def test_the_reference_whole_run_trains_saves_a_pipeline_and_stamps_its_steps(tmp_path):
     # bench/reference_run.py is what `make bench`'s whole_run case times dreambench against: it must really train
     # (the UNet moves), end with the example's saved pipeline, and log the two stamps the case parses.
