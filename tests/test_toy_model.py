@@ -110,3 +110,30 @@ def test_build_without_encoders_builds_what_training_needs_and_no_encoder(tmp_pa
     assert "toy encoders" not in out and not (tmp_path / "toy-encoders").exists()
     with pytest.raises(AssertionError, match="started building the encoders"):  # without the flag it would
         main(["build", "--cache", str(tmp_path)])
+
+
+def test_the_denoiser_loss_weights_the_objects_latent_pixels_by_its_silhouette():
+    from dreambench.models.toy import object_weights, render_members
+    sil = np.zeros((1, 32, 32), np.uint8)
+    sil[0, 12:20, 12:20] = 255  # an 8 x 8 object: latent pixels 6..9, dilated by one: 5..10
+    w = object_weights(sil, 3.0)[0, 0]
+    assert w.shape == (16, 16)
+    assert torch.all(w[5:11, 5:11] == 4) and w.sum() == 256 + 3 * 36  # the object and its edge, nothing else
+    # The members come with their silhouettes: some of each picture is the object, most is not.
+    members = render_members(0, 16, 32, progress=False)
+    assert members.silhouettes.shape == (16, 32, 32) and 0.03 < (members.silhouettes > 127).mean() < 0.5
+    # A weighted mean per picture: uniform weights give v3's plain loss; with the silhouette's, an error on the
+    # object costs 1 + weight times the same error on the background.
+    from dreambench.models.toy import per_picture_loss
+    sq = torch.rand(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = per_picture_loss(sq, None)
+    assert torch.equal(plain, sq.mean(dim=(1, 2, 3)))
+    assert torch.equal(per_picture_loss(sq, torch.ones(16, 1, 16, 16)), plain)
+    assert torch.allclose(per_picture_loss(sq, torch.full((16, 1, 16, 16), 2.5)), plain)
+    ws = object_weights(members.silhouettes, 3.0)
+    on = (ws == 4).expand(-1, 4, -1, -1).float()
+    off = (ws == 1).expand(-1, 4, -1, -1).float()
+    assert torch.all(on.sum(dim=(1, 2, 3)) > 0) and torch.all(off.sum(dim=(1, 2, 3)) > 0)
+    err_on = per_picture_loss(on / on.sum(dim=(1, 2, 3), keepdim=True), ws)
+    err_off = per_picture_loss(off / off.sum(dim=(1, 2, 3), keepdim=True), ws)
+    assert torch.allclose(err_on, 4 * err_off)

@@ -366,11 +366,17 @@ def paint_background(name: str, size: int, seed: int) -> Image.Image:
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """The scene as an RGB picture of size x size pixels."""
+    return render_with_silhouette(scene, size)[0]
+
+
+def render_with_silhouette(scene: Scene, size: int = 64) -> tuple[Image.Image, Image.Image]:
+    """`render(scene, size)` and `silhouette(scene, size)` from one drawing of the object."""
     big = size * SUPERSAMPLE
     im = paint_background(CONTEXTS[scene.context], big, scene.seed)
     obj = _object_layer(scene, big)
     im.paste(obj, (0, 0), obj)
-    return im.resize((size, size), Image.Resampling.LANCZOS)
+    return (im.resize((size, size), Image.Resampling.LANCZOS),
+            obj.getchannel("A").resize((size, size), Image.Resampling.BOX))
 
 
 def silhouette(scene: Scene, size: int = 64) -> Image.Image:
