@@ -77,6 +77,29 @@ def test_the_metrics_config_names_the_default_encoders():
     assert Path(cfg.metrics.clip.name_or_path).name == folder(".", EncoderRecipe(), "clip").name
 
 
+def test_the_worlds_lpips_is_an_lpips_state_dict_that_div_loads_and_the_config_names(tmp_path):
+    from safetensors.torch import load_file
+
+    from dreambench.metrics.lpips import LPIPSDistance, load_lpips
+    from dreambench.world.encoders import LPIPS_FILE, LpipsRecipe, ensure_lpips, lpips_folder
+    from dreambench.world.scene import Scene, render
+    from dreambench.world.world import subjects
+    micro = LpipsRecipe(members=520, steps=3, batch=8)
+    path = ensure_lpips(tmp_path, micro, progress=False)
+    assert path == lpips_folder(tmp_path, micro) / LPIPS_FILE and lpips_folder(tmp_path, micro).name.startswith("lpips-v")
+    keys = set(load_file(str(path)))
+    assert {"scaling_layer.shift", "net.slice1.0.weight", "lin4.model.1.weight", "lins.4.model.1.weight"} <= keys
+    div = load_lpips(str(path), size=64)
+    assert isinstance(div, LPIPSDistance)
+    things = list(subjects(0).values())
+    a = render(Scene(things[0], "in the snow"), 32)
+    assert div.group_mean([a, a]) == pytest.approx(0, abs=1e-6)
+    assert div.group_mean([a, render(Scene(things[5], "at night"), 32)]) > 0.01
+    cfg = compose(["model=toy", "metrics=toy", "+experiment=dog"])
+    assert Path(cfg.metrics.lpips.weights).parent.name == lpips_folder(".", LpipsRecipe()).name
+    assert cfg.metrics.lpips.size == LpipsRecipe().size
+
+
 def test_check_names_what_is_missing_and_builds_nothing(tmp_path, capsys):
     from dreambench.world.__main__ import main
     with pytest.raises(SystemExit) as e:

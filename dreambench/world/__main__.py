@@ -1,12 +1,12 @@
 """`python -m dreambench.world build | check | configs | path | sheet`: see docs/TOY_WORLD.md.
 
 build   the world's data set (subjects' photos, prompts) and, unless --no-model, the pretrained toy model
-        (model=toy) and, unless --no-encoders, the toy encoders (metrics=toy), into the cache; prints their
+        (model=toy) and, unless --no-encoders, the toy encoders and LPIPS (metrics=toy), into the cache; prints their
         folders. Each is built once: an unchanged recipe is never rebuilt.
 check   how well model=toy draws what a class prompt names, judged by a classifier of the world's drawings:
         class and context accuracy, and a grid of the images (rows: classes, columns: contexts).
 configs write conf/experiment/toy_<subject>.yaml for every subject (what `+experiment=toy_ball1` reads).
-path    the folder of one built part (world, model, dino, clip), for scripts: exit 2 when it is not built.
+path    the folder of one built part (world, model, dino, clip; lpips: its file), for scripts: exit 2 when it is not built.
 sheet   a contact sheet of the world (members with captions, every subject's photos, one subject under every
         prompt) as a PNG, to look at what the world is.
 """
@@ -41,6 +41,9 @@ def build(cache: Path, seed: int, model: bool, encoders: bool = True) -> None:
         t = time.perf_counter()
         enc = ensure_encoders(cache, EncoderRecipe(world_seed=seed))
         print(f"toy encoders: {enc['dino']}, {enc['clip']} ({time.perf_counter() - t:.1f} s)")
+        from dreambench.world.encoders import LpipsRecipe, ensure_lpips
+        t = time.perf_counter()
+        print(f"toy LPIPS (DIV): {ensure_lpips(cache, LpipsRecipe(world_seed=seed))} ({time.perf_counter() - t:.1f} s)")
 
 
 def check(cache: Path, out: Path, seed: int) -> None:
@@ -49,7 +52,7 @@ def check(cache: Path, out: Path, seed: int) -> None:
     # Every part must be built already: checking never starts a 20-minute build.
     folder = path(cache, "model", seed)
     enc = {w: path(cache, w, seed) for w in ("dino", "clip")}
-    e = check_encoders(enc["dino"], enc["clip"], ensure_world(cache, seed), seed)
+    e = check_encoders(enc["dino"], enc["clip"], ensure_world(cache, seed), seed, path(cache, "lpips", seed))
     import json
     print("encoders:", json.dumps(e))
     r = check_toy_model(folder, out, seed)
@@ -64,7 +67,7 @@ def path(cache: Path, what: str, seed: int) -> Path:
     from dreambench.errors import UserError
     from dreambench.models.toy import Recipe, folder_name
     from dreambench.models.toy import is_built as model_built
-    from dreambench.world.encoders import EncoderRecipe
+    from dreambench.world.encoders import LPIPS_FILE, EncoderRecipe, LpipsRecipe, lpips_folder
     from dreambench.world.encoders import folder as encoder_folder
     from dreambench.world.encoders import is_built as encoder_built
     from dreambench.world.world import is_built as world_built
@@ -75,6 +78,10 @@ def path(cache: Path, what: str, seed: int) -> Path:
     elif what == "model":
         folder = cache / folder_name(Recipe(world_seed=seed))
         built, name = model_built(folder), "model"
+    elif what == "lpips":
+        folder = lpips_folder(cache, LpipsRecipe(world_seed=seed))
+        built, name = encoder_built(folder), "LPIPS"
+        folder = folder / LPIPS_FILE
     else:  # the folder's name says which encoder
         folder = encoder_folder(cache, EncoderRecipe(world_seed=seed), what)
         built, name = encoder_built(folder), "encoder"
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("configs", help="write conf/experiment/toy_<subject>.yaml for every subject")
     e.add_argument("--conf", type=Path, default=Path(__file__).resolve().parents[2] / "conf" / "experiment")
     w = sub.add_parser("path", help="the folder of a built part of the world (for scripts)")
-    w.add_argument("what", choices=["world", "model", "dino", "clip"], nargs="?", default="world")
+    w.add_argument("what", choices=["world", "model", "dino", "clip", "lpips"], nargs="?", default="world")
     w.add_argument("--cache", type=Path, help="default: $DREAMBENCH_CACHE or ~/.cache/dreambench")
     w.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("sheet", help="a contact sheet of the world, as a PNG")

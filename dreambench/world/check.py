@@ -29,7 +29,7 @@ def check_toy_model(model_dir: Path, out: Path, seed: int = 0, images_per_prompt
 
     t0 = time.perf_counter()
     res = Recipe().resolution
-    images, _, labels = render_members(seed, 6000, res, progress, desc="toy world: judge's members", kind=6)
+    images, _, labels, _ = render_members(seed, 6000, res, progress, desc="toy world: judge's members", kind=6)
     judge, jr = train_judge(images, labels[:, 0], labels[:, 1], progress=progress)
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -65,10 +65,13 @@ def check_toy_model(model_dir: Path, out: Path, seed: int = 0, images_per_prompt
     return report
 
 
-def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int = 0) -> dict:
+def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int = 0,
+                   lpips_file: Path | None = None) -> dict:
     """The encoders used the way the paper uses DINO and CLIP: a subject's own photos must be closer to each other
     than to the other subject of its class, and that one closer than other classes' subjects (DINO, CLIP-I); an
-    exact drawing of a prompt must rank that prompt first among the 25 of its subject (CLIP-T)."""
+    exact drawing of a prompt must rank that prompt first among the 25 of its subject (CLIP-T). LPIPS (DIV): a
+    photo moved by one pixel must be nearer than another photo of its subject, and that nearer than another
+    subject's photo."""
     from dreambench.data.dreambench import fill_prompt
     from dreambench.data.dreambench import subjects as dataset_subjects
     from dreambench.data.images import load_image
@@ -106,5 +109,18 @@ def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int =
         hits += int((sims.argmax(1) == torch.arange(len(PROMPTS))).sum())
         total += len(PROMPTS)
     report["clip_t_right_prompt_first_of_25"] = round(hits / total, 3)
+    if lpips_file is not None:
+        from PIL import ImageChops
+
+        from dreambench.metrics.lpips import load_lpips
+        div = load_lpips(str(lpips_file), size=64)
+        small = {n: [im.resize((32, 32)) for im in ims] for n, ims in photos.items()}
+        names = list(small)
+        moved = [div.group_mean([im, ImageChops.offset(im, 1, 0)]) for ims in small.values() for im in ims]
+        own = [div.group_mean(ims) for ims in small.values()]
+        other = [div.group_mean([small[a][0], small[names[(i + 1) % len(names)]][0]]) for i, a in enumerate(names)]
+        report["lpips"] = {"photo_moved_one_pixel": round(float(np.mean(moved)), 3),
+                           "photos_of_one_subject": round(float(np.mean(own)), 3),
+                           "photos_of_two_subjects": round(float(np.mean(other)), 3)}
     report["chance"] = {"clip_t": round(1 / len(PROMPTS), 3)}
     return report

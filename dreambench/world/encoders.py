@@ -178,7 +178,7 @@ def train_clip(recipe: EncoderRecipe, save_dir: Path, progress: bool = True) -> 
     from dreambench.world.world import member
 
     t0 = time.perf_counter()
-    images, _, _ = render_members(recipe.world_seed, recipe.captioned, SIZE, progress,
+    images, _, _, _ = render_members(recipe.world_seed, recipe.captioned, SIZE, progress,
                                   desc="toy encoders: render captioned members", kind=9)
     captions = [_full_caption(member(recipe.world_seed, i, 9)[0]) for i in range(recipe.captioned)]
     tok = build_tokenizer(save_dir)
@@ -247,3 +247,112 @@ def ensure_encoders(cache: str | Path, recipe: EncoderRecipe = EncoderRecipe(), 
         os.replace(tmp, dest)
     return out
 
+
+
+# ------------------------------------------------------------------------------------------------------- LPIPS
+
+LPIPS_VERSION = 1
+LPIPS_FILE = "lpips_alex.safetensors"
+
+
+@dataclass(frozen=True)
+class LpipsRecipe:
+    """The world's LPIPS (DIV, Table 3): its own recipe and folder, so adding it rebuilt neither encoder."""
+    world_seed: int = 0
+    seed: int = 0
+    members: int = 6000          # drawings with their class and context (a stream of their own, kind 10)
+    steps: int = 1500
+    batch: int = 64
+    size: int = 64               # the 32 px pictures are scored at 64 px (metrics.lpips.size): AlexNet's stride-4
+    threads: int = 2             # first layer leaves 7 x 7 of a 32 px picture, 15 x 15 of a 64 px one
+
+    def key(self) -> str:
+        from dreambench.world.world import WORLD_VERSION
+        blob = json.dumps({"lpips": LPIPS_VERSION, "world": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def lpips_folder(cache: str | Path, recipe: LpipsRecipe) -> Path:
+    return Path(cache).expanduser() / "toy-encoders" / f"lpips-v{LPIPS_VERSION}-{recipe.key()}"
+
+
+def train_lpips(recipe: LpipsRecipe, save_dir: Path, progress: bool = True) -> dict:
+    """LPIPS's AlexNet trunk, trained to name the class and context of the world's drawings (where the real one is
+    ImageNet's classifier), saved as an `lpips.LPIPS(net="alex")` state dict that `metrics.lpips` loads unchanged.
+    The linear layers are all ones: LPIPS's uncalibrated variant (`lpips=False`, the sum over channels of the
+    unit-normalised features' squared differences), since the world has no human similarity judgments to
+    calibrate them on."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from dreambench.metrics.lpips import LPIPSAlex, to_lpips_input
+    from dreambench.models.toy import one_cycle, render_members
+    from dreambench.world.judge import CLASS_NAMES, CONTEXT_NAMES
+
+    t0 = time.perf_counter()
+    images, _, labels, _ = render_members(recipe.world_seed, recipe.members, SIZE, progress,
+                                          desc="toy encoders: render LPIPS's members", kind=10)
+    # The scorer's own resize (PIL bicubic), once: uint8 at recipe.size.
+    big = np.stack([np.asarray(Image.fromarray(im).resize((recipe.size,) * 2, Image.BICUBIC)) for im in images])
+    torch.manual_seed(recipe.seed)
+    g = np.random.default_rng([recipe.seed, 23])
+    model = LPIPSAlex()
+    heads = torch.nn.ModuleList([torch.nn.Linear(256, len(CLASS_NAMES)), torch.nn.Linear(256, len(CONTEXT_NAMES))])
+    held = recipe.members - 500
+    labels_t = torch.from_numpy(labels)
+
+    def logits(idx, flip=None):
+        x = to_lpips_input([Image.fromarray(a) for a in big[idx]])
+        if flip is not None:
+            x = torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), x.flip(3), x)
+        h = model.net((x - model.shift) / model.scale)[-1].mean(dim=(2, 3))
+        return heads[0](h), heads[1](h)
+
+    def loss():
+        idx = g.integers(0, held, recipe.batch)
+        a, b = logits(idx, g.uniform(size=len(idx)) < 0.5)
+        return F.cross_entropy(a, labels_t[idx, 0]) + F.cross_entropy(b, labels_t[idx, 1])
+
+    model.train()
+    one_cycle([*model.net.parameters(), *heads.parameters()], recipe.steps, 1e-3, loss, "toy encoders: LPIPS",
+              progress, weight_decay=0.05)
+    model.eval()
+    with torch.no_grad():
+        for lin in model.lins:
+            lin.model[1].weight.fill_(1.0)
+        a, b = logits(np.arange(held, recipe.members))
+    state = {"scaling_layer.shift": model.shift.clone(), "scaling_layer.scale": model.scale.clone()}
+    state |= {f"net.{k}": v.detach().clone().contiguous() for k, v in model.net.state_dict().items()}
+    for i, lin in enumerate(model.lins):  # lpips keeps each linear layer under two names
+        state[f"lin{i}.model.1.weight"] = lin.model[1].weight.detach().clone()
+        state[f"lins.{i}.model.1.weight"] = lin.model[1].weight.detach().clone()
+    save_file(state, str(save_dir / LPIPS_FILE))
+    return {"heldout_class_accuracy": round(float((a.argmax(1) == labels_t[held:, 0]).float().mean()), 3),
+            "heldout_context_accuracy": round(float((b.argmax(1) == labels_t[held:, 1]).float().mean()), 3),
+            "linear_layers": "ones (lpips=False: uncalibrated)", "size": recipe.size,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def ensure_lpips(cache: str | Path, recipe: LpipsRecipe = LpipsRecipe(), progress: bool = True) -> Path:
+    """<cache>/toy-encoders/lpips-v<N>-<hash>/lpips_alex.safetensors, built unless it is there."""
+    from dreambench.utils.io import safe_rmtree
+    dest = lpips_folder(cache, recipe)
+    if is_built(dest):
+        return dest / LPIPS_FILE
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        safe_rmtree(tmp, tmp.parent)
+    tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = train_lpips(recipe, tmp, progress)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp / "encoder.json").write_text(json.dumps({"version": LPIPS_VERSION, "recipe": asdict(recipe), **report},
+                                                 indent=1))
+    if dest.exists():
+        safe_rmtree(dest, dest.parent)
+    os.replace(tmp, dest)
+    return dest / LPIPS_FILE
