@@ -211,3 +211,20 @@ def test_path_prints_a_built_part_and_refuses_a_missing_one(world, tmp_path, cap
         main(["path", "dino", "--cache", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no toy encoder at" in err and "dino-v" in err
+
+
+def test_the_check_compares_the_subjects_photos_and_never_their_silhouettes(world):
+    # `world check` scores the encoders on each subject's photos; the silhouette beside each photo
+    # (<photo>.mask.png) is not one of them, or "own photos" would pair photos with black-and-white masks.
+    from PIL import Image
+
+    from dreambench.data.sidecars import MASK_SUFFIX
+    from dreambench.world.check import subject_photos
+
+    photos = subject_photos(world)
+    assert sorted(photos) == sorted(subjects(0))
+    for name, ims in photos.items():
+        files = sorted(p for p in (world / name).glob("*.png") if not p.name.endswith(MASK_SUFFIX))
+        assert len(ims) == len(files) >= 3, name
+        for im, f in zip(ims, files, strict=True):
+            assert np.array_equal(np.asarray(im), np.asarray(Image.open(f).convert("RGB"))), f

@@ -65,6 +65,16 @@ def check_toy_model(model_dir: Path, out: Path, seed: int = 0, images_per_prompt
     return report
 
 
+def subject_photos(world_root: Path) -> dict:
+    """Each subject's photos, read as every tool reads them (validate_image_folder): `<photo>.mask.png`, the
+    silhouette beside each photo, is not a photo. (A plain `*.png` glob took the masks for photos and halved the
+    encoders' own-photo similarity in the check.)"""
+    from dreambench.data.dreambench import subjects as dataset_subjects
+    from dreambench.data.images import load_image, validate_image_folder
+    return {s.name: [load_image(p) for p in validate_image_folder(s.folder, min_size=1)]
+            for s in dataset_subjects(world_root)}
+
+
 def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int = 0,
                    lpips_file: Path | None = None) -> dict:
     """The encoders used the way the paper uses DINO and CLIP: a subject's own photos must be closer to each other
@@ -74,14 +84,13 @@ def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int =
     subject's photo."""
     from dreambench.data.dreambench import fill_prompt
     from dreambench.data.dreambench import subjects as dataset_subjects
-    from dreambench.data.images import load_image
     from dreambench.metrics.encoders import ClipEncoder, DinoEncoder
     from dreambench.world.scene import render
     from dreambench.world.world import PROMPTS, prompt_scene, subjects
 
     things = subjects(seed)
     subs = dataset_subjects(world_root)
-    photos = {s.name: [load_image(p) for p in sorted(s.folder.glob("*.png"))] for s in subs}
+    photos = subject_photos(world_root)
     dino = DinoEncoder(str(dino_dir), resize=32, crop=32, device="cpu")
     clip = ClipEncoder(str(clip_dir), device="cpu")
     report: dict = {}
