@@ -316,11 +316,12 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
              prior: bool = True, precision: str = "32-true", gradient_checkpointing: bool = False,
              optimizer: str = "AdamW", attention: str = "sdpa", frozen_dtype: torch.dtype | None = None,
              device: str = "cpu", capacity: int | None = None, context: dict[str, Any] | None = None,
-             ema: bool = False, t5: bool = True, max_sequence_length: int = 256) -> MemoryEstimate:
+             ema: bool = False, t5: bool = True, max_sequence_length: int = 256, shards: int = 1) -> MemoryEstimate:
     """Peak bytes of one step. `batch_size` instance images per step, as many class images if `prior`;
     `precision` a Lightning precision string; `frozen_dtype` the dtype of frozen components (None: as trained);
     `ema`: an EMA copy of the trained weights on the device (train.ema with device=same); `t5`: SD 3.5's T5 loaded
-    (model.t5); `max_sequence_length`: T5 tokens (SD 3.5, Flux)."""
+    (model.t5); `max_sequence_length`: T5 tokens (SD 3.5, Flux); `shards`: ranks the trained weights, their
+    gradients and optimizer state are split over (trainer=fsdp), the figures being one rank's."""
     family = config_family(configs)
     if not t5 and family == "sd3":
         configs = {k: v for k, v in configs.items() if k != "text_encoder_3"}
@@ -351,6 +352,10 @@ def estimate(configs: dict[str, dict[str, Any]], method: Any, *, resolution: int
         notes.append(f"optimizer {optimizer!r}: state size unknown, assumed AdamW's 8 B/parameter")
         state = 8
     opt = trainable * state
+    shards = max(1, int(shards))
+    if shards > 1:  # FSDP: each rank keeps 1/shards of these (a block's weights are gathered whole only in use)
+        weights -= grads - grads // shards  # the trained weights are in the master dtype, as the gradients
+        grads, opt = grads // shards, opt // shards
     # Autocast caches its half-precision copy of every trainable leaf weight for the whole forward pass; the
     # frozen fp32 weights are cast per use (transient, not counted).
     autocast = _nbytes(trainable, half) if mixed else 0
@@ -451,7 +456,7 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
           "gradient_checkpointing": bool(cfg.model.gradient_checkpointing), "optimizer": opt,
           "attention": str(cfg.model.get("attention", "sdpa")), "frozen_dtype": frozen, "device": device,
           "capacity": cap, "context": _method_context(cfg, model_ref, method), "ema": _ema_on_device(cfg),
-          **_family_args(cfg)}
+          "shards": _shards(cfg), **_family_args(cfg)}
     try:
         est = estimate(configs, method, **kw)
     except Exception as e:  # noqa: BLE001 - e.g. an architecture whose forward the meta trace cannot run
@@ -482,6 +487,15 @@ def plan_for(cfg: Any, model_ref: str, method: Any, capacity: int | None = None)
 
 def _family_args(cfg: Any) -> dict[str, Any]:
     return {"t5": bool(cfg.model.get("t5", True)), "max_sequence_length": int(cfg.model.get("max_sequence_length") or 256)}
+
+
+def _shards(cfg: Any) -> int:
+    """trainer=fsdp: the ranks the trained state is split over (its data_parallel_size); otherwise 1."""
+    from dreambench.parallel import uses_fsdp
+    if not uses_fsdp(cfg):
+        return 1
+    n = cfg.trainer.strategy.get("data_parallel_size")
+    return int(n) if isinstance(n, int) or str(n).isdigit() else 1
 
 
 def _ema_on_device(cfg: Any) -> bool:

@@ -174,6 +174,19 @@ class DreamBoothModule(L.LightningModule):
         # After the class images: compiling for inference first would only add a recompile.
         speed.compile_unet(self.unet, bool(cfg.model.get("compile", False)))
 
+    def configure_model(self) -> None:
+        """trainer=fsdp (Lightning's ModelParallelStrategy): shard the trained modules across the ranks, after
+        setup() made the class images and latents with whole modules (dreambench/parallel.py). Other strategies
+        have no device mesh and leave the model as it is."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from dreambench import parallel
+        held = parallel.shard_trained(self, mesh["data_parallel"])
+        self._sharded = True
+        log.info("trainer=fsdp: rank %d of %d holds %s parameters", self.trainer.global_rank, self.trainer.world_size,
+                 ", ".join(f"{n} {k:,}" for n, k in held.items()))
+
     def _class_bank(self, class_paths: list[Path], res: int) -> LatentBank:
         """The class images' latents, cached by content in data.latents_cache_dir (null: none)."""
         cfg = self.run_cfg
@@ -548,6 +561,8 @@ class DreamBoothModule(L.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         grads = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norms = [torch.nn.utils.clip_grad_norm_(grads, float(gradient_clip_val))] if grads else []
+        # trainer=fsdp: sharded gradients give the norm as a DTensor; the guard reads a plain tensor.
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
         guard.after_clip(self.trainer, self, optimizer, norms)  # the loss is checked even with no gradient
         return None
 
@@ -657,9 +672,13 @@ class DreamBoothModule(L.LightningModule):
 
     def train_dataloader(self):
         # Batches are drawn from the cached latents in training_step by global step (see _draw); the loader
-        # only paces the loop. One epoch is the whole run.
+        # only paces the loop. One epoch is the whole run, on every rank: under DDP and FSDP Lightning's
+        # DistributedSampler gives each rank 1/world of the items, so there are world x n of them. (With n, a
+        # two-rank run had an epoch boundary half-way, whose new loader iterator draws its base seed from the
+        # global torch RNG: a run resumed after it drew from another state than the uninterrupted one.)
         n = int(self.trainer.max_steps) * max(1, int(self.trainer.accumulate_grad_batches))
-        return torch.utils.data.DataLoader(torch.arange(n), batch_size=None, shuffle=False)
+        return torch.utils.data.DataLoader(torch.arange(n * max(1, int(self.trainer.world_size))), batch_size=None,
+                                           shuffle=False)
 
     # ---- checkpoints hold what was trained ------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -104,6 +104,7 @@ def check_inputs(cfg: DictConfig) -> tuple[Any, list[Path], Any, str]:
         prior = instantiate(cfg.prior)
         prior.check(res)
         check_exports(cfg)
+        check_parallel(cfg)
         check_metric_encoders(cfg)
         ref = resolve_model_ref(cfg.model, cfg.paths.cache_dir)
         try:
@@ -171,6 +172,15 @@ def check_exports(cfg: DictConfig) -> None:
         choose_formats(formats, get_class(cfg.method._target_).name, str(cfg.model.get("family") or "sd"))
     if formats and formats != ["diffusers"] and not cfg.train.export_model:
         raise UserError(f"train.export={formats} needs train.export_model=true (the exports are made from model/)")
+
+
+def check_parallel(cfg: DictConfig) -> None:
+    """trainer=fsdp: what a sharded run cannot do, in one message, before any model loads."""
+    from dreambench.parallel import fsdp_problems, uses_fsdp
+    if uses_fsdp(cfg):
+        problems = fsdp_problems(cfg)
+        if problems:
+            raise UserError("trainer=fsdp cannot run these settings:\n  " + "\n  ".join(problems))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -286,6 +296,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         if preemption.preempted:  # a checkpoint, no export and no metrics.json: the run is not finished
             return {"preempted": True, "checkpoint": str(preemption.checkpoint), "steps": int(trainer.global_step),
                     "run_dir": str(run_dir), "rank": trainer.global_rank}
+        from dreambench import parallel
+        if parallel.is_sharded(trainer) and int(cfg.trainer.max_steps) > 0:
+            parallel.gather_trained(module, trainer.global_rank)  # every rank: the weights, whole, on rank 0
         if trainer.is_global_zero:
             if cfg.train.export_model:
                 with atomic_dir(run_dir / "model") as tmp:

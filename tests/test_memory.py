@@ -208,3 +208,18 @@ def test_one_method_context_serves_every_rung_of_the_switch_ladder(tmp_path):
     ti = [e for label, _, e in ladder if not label.startswith("LoRA")]
     assert len(ti) == 4 and all(e.exact and e.trainable == ti[0].trainable for e in ti)
     assert len(ctx["tokenizer"]) == n_vocab  # the caller's tokenizer is left as it was
+
+
+def test_fsdp_plans_one_ranks_share_of_the_trained_state(sd15, tmp_path):
+    # trainer=fsdp splits the trained weights, their gradients and AdamW's moments over the ranks; the frozen VAE and
+    # text encoder and the activations stay whole on each.
+    from dreambench.train import prepare
+    one, two = est(sd15), est(sd15, shards=2)
+    assert two.parts["gradients"] == one.parts["gradients"] // 2
+    assert two.parts["optimizer"] == one.parts["optimizer"] // 2
+    assert one.parts["weights"] - two.parts["weights"] == one.parts["gradients"] // 2  # fp32 master weights
+    assert two.parts["activations"] == one.parts["activations"]
+    plain = prepare(compose(prepare_overrides(tmp_path, "trainer=ddp_cpu"))).memory
+    sharded = prepare(compose(prepare_overrides(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu",
+                                                "train.samples=false"))).memory
+    assert sharded.parts["optimizer"] == plain.parts["optimizer"] // 2
