@@ -14,6 +14,8 @@ On one CUDA device (H100/H200 in mind; random full-size weights, nothing downloa
   syncs          host syncs and synchronising CUDA calls per training step
   end_to_end     train (--steps, bf16) -> export -> generate -> evaluate on random full-size SD 1.5, with
                  model.compile off and on: each stage's wall time, and that each finished without error
+  fsdp           with two or more GPUs: trainer=fsdp on all of them, SD 1.5 fully fine-tuned (--steps), its
+                 state sharded, a full checkpoint and the export: wall time, and that it finished
 
 On a CPU the GPU cases are reported as skipped, and end_to_end runs the same chain (same commands, same code)
 on the tiny model and tiny encoders with 3 steps, so the suite checks the script itself.
@@ -176,6 +178,27 @@ def end_to_end(work: Path, cuda: bool, steps: int, compile_: bool, deadline: Dea
             **(stats([sum(s["seconds"] for s in stages)]) if ok else {})}
 
 
+def fsdp_run(work: Path, gpus: int, steps: int, deadline: Deadline, log: Callable[[str], None]) -> list[dict]:
+    """trainer=fsdp on every GPU: SD 1.5 (random full-size weights) fully fine-tuned with its trained state sharded
+    across the cards, a full checkpoint at the end, the export gathered to rank 0."""
+    from bench.cases import Settings, sd15_random_folder
+    data = synthetic_dreambench(work / "data", 512)
+    run = work / "fsdp"
+    cmd = [sys.executable, "-m", "dreambench.train", "model=sd15",
+           f"model.pretrained={sd15_random_folder(Settings(work, cuda=True))}", "trainer=fsdp",
+           f"trainer.devices={gpus}", "trainer.accelerator=gpu", "trainer.precision=bf16-mixed", "data.resolution=512",
+           f"paths.dataset_dir={data}", f"data.subject={SUBJECT}", f"data.class_noun={CLASS_NOUN}", "data.live=false",
+           "prior.num_images=8", f"trainer.max_steps={steps}", f"train.checkpoint_every_n_steps={steps}",
+           "logger=csv", "train.samples=false", "progress=false", f"paths.cache_dir={work / 'cache'}",
+           f"hydra.run.dir={run}"]
+    stage = _stage("train + checkpoint + export", cmd, deadline, log, REPO)
+    ok = stage["status"] == "ok"
+    return [{"case": "fsdp", "variant": f"SD 1.5 random, 512², bf16, trainer=fsdp on {gpus} GPUs, {steps} steps",
+             "unit": "s", "status": "ok" if ok else stage["status"], "stages": [stage],
+             "what": "a full fine-tune sharded across the GPUs (dreambench/parallel.py), checkpoint and export",
+             **(stats([stage["seconds"]]) if ok else {})}]
+
+
 def _best_batch(case: str, variant: str, unit: str, per_batch: dict[int, list[float]], what: str) -> list[dict]:
     from bench.cases import row
     rows = [row(case, f"{variant}, batch {b}", unit, v, what) for b, v in per_batch.items()]
@@ -243,6 +266,9 @@ def cases(work: Path, cuda: bool, steps: int, deadline: Deadline, log) -> list[C
     # quick: the step case leaves out its compile variant (the end-to-end run times compile on and off instead)
     s = Settings(work, reps=2, warmup=5, steps=20, quick=True, cuda=cuda, log=log)
 
+    import torch
+    gpus = torch.cuda.device_count() if cuda else 0
+
     def gpu_only(case: str, variant: str, fn: Callable[[], list[dict]]) -> Callable[[], list[dict]]:
         return fn if cuda else (lambda: [skipped(case, variant, NO_CUDA)])
 
@@ -272,6 +298,9 @@ def cases(work: Path, cuda: bool, steps: int, deadline: Deadline, log) -> list[C
                                                         lambda: eval_images(work, log))),
         Case("families", 300 if cuda else 0, gpu_only("families (GPU)", "SDXL, SD 3.5 medium, FLUX.1-dev, 1024²",
                                                       lambda: (bc.prepare_work(s), bc.case_families(s))[1])),
+        Case("fsdp", 120 if gpus > 1 else 0, (lambda: fsdp_run(work, gpus, steps, deadline, log)) if gpus > 1 else (
+            lambda: [skipped("fsdp", "trainer=fsdp on every GPU", "skipped: fewer than two CUDA devices (the suite "
+                             "runs trainer=fsdp on two CPU processes: tests/test_fsdp.py)")])),
     ]
 
 

@@ -228,9 +228,9 @@ def test_gpu_check_runs_on_a_cpu_with_its_gpu_cases_skipped_and_the_end_to_end_c
     data = json.loads((tmp_path / "gpu-latest.json").read_text())
     md = (tmp_path / "gpu-latest.md").read_text()
     assert data["cases"] == {"sd15_step": "ok", "end_to_end": "ok", "syncs": "ok", "class_images": "ok",
-                             "eval_images": "ok", "families": "ok"} and data["not_reached"] == {}
+                             "eval_images": "ok", "families": "ok", "fsdp": "ok"} and data["not_reached"] == {}
     rows = data["rows"]
-    for case in ("full size (GPU)", "class images", "evaluation images", "families (GPU)"):
+    for case in ("full size (GPU)", "class images", "evaluation images", "families (GPU)", "fsdp"):
         got = [r for r in rows if r["case"] == case]
         assert got and all(r.get("skipped") for r in got), case
     e2e = next(r for r in rows if r["case"] == "end to end" and not r.get("skipped"))
