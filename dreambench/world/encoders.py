@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -222,30 +223,36 @@ def is_built(dest: Path) -> bool:
 
 def ensure_encoders(cache: str | Path, recipe: EncoderRecipe = EncoderRecipe(), progress: bool = True) -> dict:
     """Build the missing ones of the two encoders; {"dino": folder, "clip": folder}."""
-    from dreambench.utils.io import safe_rmtree
     out = {}
     for which, train in (("dino", train_dino), ("clip", train_clip)):
         dest = folder(cache, recipe, which)
         out[which] = dest
-        if is_built(dest):
-            continue
-        tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            safe_rmtree(tmp, tmp.parent)
-        tmp.mkdir(parents=True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(recipe.threads)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                report = train(recipe, tmp, progress)
-        finally:
-            torch.set_num_threads(threads)
-        (tmp / "encoder.json").write_text(json.dumps({"version": ENCODERS_VERSION, "recipe": asdict(recipe),
-                                                      **report}, indent=1))
-        if dest.exists():
-            safe_rmtree(dest, dest.parent)
-        os.replace(tmp, dest)
+        if not is_built(dest):
+            _build(dest, ENCODERS_VERSION, recipe, train, progress)
     return out
+
+
+def _build(dest: Path, version: int, recipe: Any, train: Any, progress: bool) -> None:
+    """`train(recipe, folder, progress)` into a temporary folder beside `dest`, with the recipe's thread count and
+    the caller's RNG left as it was; its report and the recipe go into encoder.json, then the folder takes dest's
+    place in one rename (an interrupted build leaves no half folder under dest's name)."""
+    from dreambench.utils.io import safe_rmtree
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        safe_rmtree(tmp, tmp.parent)
+    tmp.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = train(recipe, tmp, progress)
+    finally:
+        torch.set_num_threads(threads)
+    (tmp / "encoder.json").write_text(json.dumps({"version": version, "recipe": asdict(recipe), **report},
+                                                 indent=1))
+    if dest.exists():
+        safe_rmtree(dest, dest.parent)
+    os.replace(tmp, dest)
 
 
 
@@ -335,24 +342,7 @@ def train_lpips(recipe: LpipsRecipe, save_dir: Path, progress: bool = True) -> d
 
 def ensure_lpips(cache: str | Path, recipe: LpipsRecipe = LpipsRecipe(), progress: bool = True) -> Path:
     """<cache>/toy-encoders/lpips-v<N>-<hash>/lpips_alex.safetensors, built unless it is there."""
-    from dreambench.utils.io import safe_rmtree
     dest = lpips_folder(cache, recipe)
-    if is_built(dest):
-        return dest / LPIPS_FILE
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        safe_rmtree(tmp, tmp.parent)
-    tmp.mkdir(parents=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            report = train_lpips(recipe, tmp, progress)
-    finally:
-        torch.set_num_threads(threads)
-    (tmp / "encoder.json").write_text(json.dumps({"version": LPIPS_VERSION, "recipe": asdict(recipe), **report},
-                                                 indent=1))
-    if dest.exists():
-        safe_rmtree(dest, dest.parent)
-    os.replace(tmp, dest)
+    if not is_built(dest):
+        _build(dest, LPIPS_VERSION, recipe, train_lpips, progress)
     return dest / LPIPS_FILE
