@@ -3,9 +3,8 @@ across the ranks with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`), th
 ModelParallelStrategy.
 
 Lightning's FSDPStrategy (FSDP1) is not used: it refuses any accelerator but CUDA, so it cannot be tested on the
-project's CPU machines, and Lightning points new code to FSDP2. ModelParallelStrategy builds a device mesh on the
-ranks' own device type (gloo on CPU, NCCL on CUDA) and leaves the sharding to `LightningModule.configure_model`,
-which calls `shard_trained` below.
+project's CPU machines. ModelParallelStrategy builds a device mesh on the ranks' own device type (gloo on CPU,
+NCCL on CUDA) and leaves the sharding to `LightningModule.configure_model`, which calls `shard_trained` below.
 
 What is sharded: each block of the denoiser (the UNet's down/up blocks, a transformer's blocks), then the denoiser
 as a whole, and the text encoders when they are trained. Frozen parts (VAE, frozen text encoders) stay whole on

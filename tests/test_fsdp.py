@@ -19,7 +19,10 @@ ARGS = ["+experiment=dog", *[o for o in TINY if not o.startswith(("trainer.max_s
 
 
 def _run(out: Path, *extra: str) -> tuple[Path, str]:
-    r = run_cli("dreambench.train", [*ARGS, f"paths.output_dir={out}", *extra], timeout=600)
+    # The text encoder is trained too, so that both kinds of trained module (diffusers' UNet, transformers' CLIP
+    # text model) are sharded, gathered and exported.
+    r = run_cli("dreambench.train", [*ARGS, "method.train_text_encoder=true", f"paths.output_dir={out}", *extra],
+                timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     (run,) = list((out / "dog").iterdir())
     return run, r.stdout + r.stderr
@@ -38,7 +41,7 @@ def _rows(run: Path) -> list[dict]:
 def test_a_sharded_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_the_uninterrupted_run_does(tmp_path):
     full, logs = _run(tmp_path / "full")
     held = {int(r): int(k.replace(",", "")) for r, k in
-            re.findall(r"trainer=fsdp: rank (\d) of 2 holds unet ([\d,]+) parameters", logs)}
+            re.findall(r"trainer=fsdp: rank (\d) of 2 holds unet ([\d,]+), text_encoder [\d,]+ parameters", logs)}
     total = sum(p.numel() for k, p in _ckpt(full, N)["state_dict"].items() if k.startswith("unet."))
     assert sorted(held) == [0, 1] and sum(held.values()) == total  # the UNet split in two, nothing held twice
     assert max(held.values()) < 0.55 * total
@@ -53,12 +56,13 @@ def test_a_sharded_run_resumed_from_its_checkpoint_ends_bit_for_bit_where_the_un
     assert not equal(a["state_dict"], _ckpt(full, 2)["state_dict"])  # steps 3-4 trained something
     rows = _rows(resumed)
     assert [r["step"] for r in rows] == ["2", "3"] and rows == _rows(full)[2:]  # the same losses, to the bit
-    # The export is the trained UNet, whole (gathered to rank 0 at the end), in diffusers' format.
+    # The export is the trained UNet and text encoder, whole (gathered to rank 0 at the end), in diffusers' format.
     from safetensors.torch import load_file
-    (weights,) = (full / "model" / "unet").glob("*.safetensors")
-    exported = load_file(weights)
-    assert set(exported) == {k[len("unet."):] for k in a["state_dict"] if k.startswith("unet.")}
-    assert all(torch.equal(exported[k], a["state_dict"][f"unet.{k}"]) for k in exported)
+    for part in ("unet", "text_encoder"):
+        (weights,) = (full / "model" / part).glob("*.safetensors")
+        exported = load_file(weights)
+        assert set(exported) == {k[len(part) + 1:] for k in a["state_dict"] if k.startswith(f"{part}.")}, part
+        assert all(torch.equal(exported[k], a["state_dict"][f"{part}.{k}"]) for k in exported), part
 
 
 def test_fsdp_refuses_what_a_sharded_model_cannot_run_in_one_message_before_models_load():
