@@ -218,10 +218,11 @@ def test_the_check_compares_the_subjects_photos_and_never_their_silhouettes(worl
     # (<photo>.mask.png) is not one of them, or "own photos" would pair photos with black-and-white masks.
     from PIL import Image
 
+    from dreambench.data import dreambench as db
     from dreambench.data.sidecars import MASK_SUFFIX
     from dreambench.world.check import subject_photos
 
-    photos = subject_photos(world)
+    photos = subject_photos(db.subjects(world))
     assert sorted(photos) == sorted(subjects(0))
     for name, ims in photos.items():
         files = sorted(p for p in (world / name).glob("*.png") if not p.name.endswith(MASK_SUFFIX))

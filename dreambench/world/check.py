@@ -65,14 +65,12 @@ def check_toy_model(model_dir: Path, out: Path, seed: int = 0, images_per_prompt
     return report
 
 
-def subject_photos(world_root: Path) -> dict:
-    """Each subject's photos, read as every tool reads them (validate_image_folder): `<photo>.mask.png`, the
-    silhouette beside each photo, is not a photo. (A plain `*.png` glob took the masks for photos and halved the
-    encoders' own-photo similarity in the check.)"""
-    from dreambench.data.dreambench import subjects as dataset_subjects
+def subject_photos(subs: list) -> dict:
+    """Each subject's photos (`subs`: dreambench.data.dreambench.subjects of the world), read as every tool reads
+    them (validate_image_folder): `<photo>.mask.png`, the silhouette beside each photo, is not a photo. (A plain
+    `*.png` glob took the masks for photos and halved the encoders' own-photo similarity in the check.)"""
     from dreambench.data.images import load_image, validate_image_folder
-    return {s.name: [load_image(p) for p in validate_image_folder(s.folder, min_size=1)]
-            for s in dataset_subjects(world_root)}
+    return {s.name: [load_image(p) for p in validate_image_folder(s.folder, min_size=1)] for s in subs}
 
 
 def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int = 0,
@@ -90,7 +88,7 @@ def check_encoders(dino_dir: Path, clip_dir: Path, world_root: Path, seed: int =
 
     things = subjects(seed)
     subs = dataset_subjects(world_root)
-    photos = subject_photos(world_root)
+    photos = subject_photos(subs)
     dino = DinoEncoder(str(dino_dir), resize=32, crop=32, device="cpu")
     clip = ClipEncoder(str(clip_dir), device="cpu")
     report: dict = {}

@@ -255,7 +255,6 @@ def _build(dest: Path, version: int, recipe: Any, train: Any, progress: bool) ->
     os.replace(tmp, dest)
 
 
-
 # ------------------------------------------------------------------------------------------------------- LPIPS
 
 LPIPS_VERSION = 1
