@@ -52,3 +52,28 @@ def equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def ddim_pipeline(model_dir):
+    """The SD pipeline saved at `model_dir`, sampling with DDIM from the scheduler config the model ships (so a run
+    that exported the wrong prediction type samples wrongly too), without progress bars."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreambench.sampling import make_scheduler
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipe.scheduler = make_scheduler("DDIMScheduler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def photo_distance(images, photos, resolution: int = 32) -> float:
+    """Mean over `images` (PIL, at `resolution`) of the mean squared pixel distance, in [-1, 1], to the nearest of
+    the `photos` (paths, brought to `resolution` as training does)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dreambench.data.latents import preprocess
+    gen = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
+    shots = torch.stack([preprocess(Image.open(p).convert("RGB"), resolution) for p in photos])
+    return (torch.cdist(gen.flatten(1), shots.flatten(1)) ** 2 / gen[0].numel()).min(1).values.mean().item()

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from helpers import compose, torch_threads
+from helpers import compose, ddim_pipeline, photo_distance, torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -72,25 +72,20 @@ def _closeness(model_dir: Path, subject: Path) -> dict[str, float]:
     to the nearest subject photo (both at the training resolution, in [-1, 1]); `scale`, the norm of the
     generated latents over that of the photos' latents, encoded by the VAE with its declared scaling factor.
     Both references come from the photos and the VAE, not from any training code."""
-    import numpy as np
-    from diffusers import StableDiffusionPipeline
-
     from dreambench.data.latents import preprocess
-    from dreambench.sampling import generate, make_scheduler
+    from dreambench.sampling import generate
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
-    pipe.scheduler = make_scheduler("DDIMScheduler", pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = ddim_pipeline(model_dir)
     guidance = dict(num_inference_steps=20, guidance_scale=1.0, height=32, width=32)
     prompts, seeds = ["a sks toy"] * 4, [0, 1, 2, 3]
     latents = torch.stack(generate(pipe, prompts, seeds, guidance, progress=False, output_type="latent"))
     images = generate(pipe, prompts, seeds, guidance, progress=False)
-    gen = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images])
-    photos = torch.stack([preprocess(Image.open(p).convert("RGB"), 32) for p in sorted(subject.iterdir())])
+    paths = sorted(subject.iterdir())
+    photos = torch.stack([preprocess(Image.open(p).convert("RGB"), 32) for p in paths])
     with torch.no_grad():
         ref = pipe.vae.encode(photos).latent_dist.mean * pipe.vae.config.scaling_factor
     return {
-        "pixel": (torch.cdist(gen.flatten(1), photos.flatten(1)) ** 2 / gen[0].numel()).min(1).values.mean().item(),
+        "pixel": photo_distance(images, paths),
         "scale": (latents.flatten(1).norm(dim=1).mean() / ref.flatten(1).norm(dim=1).mean()).item(),
     }
 
