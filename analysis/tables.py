@@ -72,6 +72,10 @@ def _load_yaml(path: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
 
 
+# Scores made of two others, per run: name -> (a, b) for a - b.
+DERIVED = {"dino_minus_pres": ("dino", "pres")}
+
+
 def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, str]]:
     scores, reasons = {}, {}
     for name, value in eval_json.get("metrics", {}).items():
@@ -81,6 +85,11 @@ def _scores(eval_json: dict, subject: str) -> tuple[dict[str, float], dict[str, 
                 scores[name] = float(v)
         else:
             reasons[name] = str(value)
+    for name, (a, b) in DERIVED.items():
+        if a in scores and b in scores:
+            scores[name] = scores[a] - scores[b]
+        elif reasons.get(a) or reasons.get(b):
+            reasons[name] = reasons.get(a) or reasons.get(b)
     return scores, reasons
 
 

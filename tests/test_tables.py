@@ -165,6 +165,29 @@ def test_directions_are_paired_differences_over_the_subjects_both_rows_have(tmp_
     assert "<td>reversed</td>" in (tmp_path / "tables" / "report.html").read_text()
 
 
+def test_table3_checks_drift_at_equal_fidelity_so_a_prior_that_only_learns_less_fails_it(tmp_path):
+    # DINO − PRES per run. A broken prior (the class half trained under the instance prompt: docs/TOY_WORLD.md)
+    # lowers PRES by learning the subject less: PRES still "holds", DINO − PRES does not.
+    good = {"with_prior": {"dog": (0.60, 0.30), "can": (0.50, 0.30), "cat": (0.55, 0.35)},
+            "no_prior": {"dog": (0.65, 0.70), "can": (0.60, 0.65), "cat": (0.62, 0.66)}}
+    broken = {**good, "with_prior": {"dog": (0.35, 0.45), "can": (0.30, 0.40), "cat": (0.33, 0.42)}}
+    verdicts = []
+    for name, runs in (("good", good), ("broken", broken)):
+        for row, per in runs.items():
+            for subject, (dino, pres) in per.items():
+                _run(tmp_path / name, "table3", row, subject, 0,
+                     {"dino": dino, "pres": pres, "div": "unavailable: no LPIPS weights"})
+        rows = tables.render(tmp_path / name, ["table3"])["table3"]
+        found = {(d.higher, d.lower, d.metric): d for d in tables.directions(paper.TABLES["table3"], rows)}
+        sep = found["with_prior", "no_prior", "dino_minus_pres"]
+        assert sep.paper_diff == pytest.approx((0.684 - 0.493) - (0.712 - 0.664))
+        verdicts.append((found["no_prior", "with_prior", "pres"].verdict, sep.verdict, round(sep.diff.mean, 3)))
+        assert "unavailable: no LPIPS weights" in rows[0].cells["div"].reason
+    assert verdicts == [("holds", "holds", round(((0.3 + 0.05) + (0.2 + 0.05) + (0.2 + 0.04)) / 3, 3)),
+                        ("holds", "reversed", round(((-0.1 + 0.05) + (-0.1 + 0.05) + (-0.09 + 0.04)) / 3, 3))]
+    assert "DINO − PRES" in (tmp_path / "good" / "tables" / "table3.md").read_text()
+
+
 def test_the_untrained_row_is_checked_below_both_methods_without_a_paper_number(tmp_path):
     # Table 1's untrained row is not in the paper: its orderings (each method above it on DINO and CLIP-I) are
     # checked like the paper's, with "n/a" where the paper's difference would be.
@@ -281,8 +304,13 @@ def test_paper_numbers_match_protocol():
     doc = text.read_text()
     for t in paper.TABLES.values():
         for r in t.rows:
-            for v in r.paper.values():
-                if v is not None:
+            for m, v in r.paper.items():
+                if v is None:
+                    continue
+                if m in tables.DERIVED:  # not a number of the paper's: the difference of two that are
+                    a, b = tables.DERIVED[m]
+                    assert v == pytest.approx(r.paper[a] - r.paper[b], abs=5e-4), (t.name, r.key, m)
+                else:
                     assert f"{v:.3f}" in doc, f"{t.name} {r.key}: {v} is not in PROTOCOL.md"
 
 
