@@ -60,16 +60,16 @@ def photos(tmp_path_factory) -> Path:
     return write_world(tmp_path_factory.mktemp("world") / "toy-world", seed=0, progress=False) / SUBJECT
 
 
-def _distance(model_dir: Path, photos: Path, prompt: str) -> float:
-    """The mean over SEEDS of each generation of `prompt`'s distance to its nearest photo (helpers.photo_distance)."""
-    from dreambench.sampling import generate
-    guidance = dict(num_inference_steps=20, guidance_scale=1.0, height=32, width=32)
-    images = generate(ddim_pipeline(model_dir), [prompt] * len(SEEDS), SEEDS, guidance, progress=False)
-    return photo_distance(images, sorted(photos.glob("[0-9][0-9].png")))
-
-
 def _prompts(model_dir: Path, photos: Path) -> dict[str, float]:
-    return {"subject": _distance(model_dir, photos, f"a sks {CLASS}"), "class": _distance(model_dir, photos, f"a {CLASS}")}
+    """For "a sks cup" (subject) and "a cup" (class): the mean over SEEDS of each generation's distance to its
+    nearest photo (helpers.photo_distance). The photos are listed as training lists them (no silhouette masks)."""
+    from dreambench.data.images import validate_image_folder
+    from dreambench.sampling import generate
+    pipe = ddim_pipeline(model_dir)
+    shots = validate_image_folder(photos, min_size=1)
+    guidance = dict(num_inference_steps=20, guidance_scale=1.0, height=32, width=32)
+    return {name: photo_distance(generate(pipe, [prompt] * len(SEEDS), SEEDS, guidance, progress=False), shots)
+            for name, prompt in (("subject", f"a sks {CLASS}"), ("class", f"a {CLASS}"))}
 
 
 @pytest.fixture(scope="module")
