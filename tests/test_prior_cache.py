@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -95,3 +96,39 @@ def test_images_do_not_depend_on_batch_size_or_ranks(tmp_path):
                     pass
         seeds_by_layout.append(sorted(sum(r.calls, [])))
     assert seeds_by_layout[0] == seeds_by_layout[1] == seeds_by_layout[2]
+
+
+class _SlowRenderer(Renderer):
+    def __call__(self, prompts, seeds):
+        import time
+        time.sleep(0.2)  # long enough for the other process to see the same miss
+        return super().__call__(prompts, seeds)
+
+
+def _get_or_create_in_a_process(root, start, results):
+    r = _SlowRenderer()
+    start.wait()
+    try:
+        paths, hit = ClassImageCache(root).get_or_create(BASE, r, batch_size=1, progress=False)
+        results.put((hit, sum(len(c) for c in r.calls), [str(p) for p in paths]))
+    except Exception as e:  # noqa: BLE001 -- reported to the test, which names it
+        results.put(("error", repr(e), []))
+
+
+def test_two_runs_missing_the_same_class_at_once_render_it_once(tmp_path):
+    # experiments/tables.sh JOBS=2 trains two subjects of one class side by side: both miss the cache at the same
+    # moment. The second must wait for the first and reuse its images, not render the same set into the same
+    # partial folder (and fail when the first renames it into place).
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_get_or_create_in_a_process, args=(tmp_path, start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted((results.get(timeout=60) for _ in procs), key=lambda g: str(g[0]))
+    for p in procs:
+        p.join(timeout=60)
+    assert all(g[0] != "error" for g in got), got
+    assert [g[0] for g in got] == [False, True]  # one rendered, the other found the sealed set
+    assert sum(g[1] for g in got) == BASE.count  # each image rendered once in all
+    assert got[0][2] == got[1][2] and all(os.path.isfile(p) for p in got[0][2])

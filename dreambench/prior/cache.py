@@ -8,7 +8,9 @@ a manifest written last marks the set complete, so a killed generation is never 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -58,6 +60,18 @@ def cache_key(spec: ClassImageSpec) -> str:
     return hashlib.sha256(json.dumps(spec.as_dict(), sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An advisory lock (flock) held for the block; released by the kernel if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class ClassImageCache:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
@@ -89,6 +103,20 @@ class ClassImageCache:
         hit = self.lookup(spec)
         if hit is not None:
             return hit, True
+        if world_size == 1:
+            # Two runs of one class at once (experiments/tables.sh JOBS=2, a sweep's parallel trials): the second
+            # waits for the first and reuses its images, instead of rendering the same set into the same partial
+            # folder and failing when the first renames it into place. The ranks of one distributed run
+            # coordinate through `barrier` instead.
+            with _exclusive(self.root / f"{self.folder(spec).name}.lock"):
+                hit = self.lookup(spec)
+                if hit is not None:
+                    return hit, True
+                return self._create(spec, render, batch_size, rank, world_size, barrier, progress)
+        return self._create(spec, render, batch_size, rank, world_size, barrier, progress)
+
+    def _create(self, spec: ClassImageSpec, render: Callable[[list[str], list[int]], list], batch_size: int,
+                rank: int, world_size: int, barrier: Callable[[], None], progress: bool) -> tuple[list[Path], bool]:
         barrier()  # every rank has seen the miss before rank 0 may seal the folder
         folder = self.folder(spec)
         partial = folder.with_name(folder.name + ".partial")
