@@ -64,3 +64,16 @@ def test_under_a_profiler_run_exits_the_ordinary_way_so_the_profile_is_written(t
                        check=False)
     assert p.returncode == 0, p.stderr[-2000:]  # (cProfile swallows a script's SystemExit: always 0 under it)
     assert prof.is_file() and prof.stat().st_size > 0 and (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_transformers_torchvision_notice_is_dropped_for_every_entry_point_not_only_train():
+    # diffusers' pipelines import transformers.CLIPImageProcessor, and transformers (5.x, no torchvision installed:
+    # there is no CPU build for this torch) logs that it falls back to the PIL processor, which is what dreambench
+    # uses. evaluate, world, generate import diffusers before any logging set-up: `import dreambench` drops it.
+    load = "import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
+    bare = subprocess.run([sys.executable, "-c", load], check=False, capture_output=True, text=True, timeout=300)
+    ours = subprocess.run([sys.executable, "-c", f"import dreambench; {load}"], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert bare.returncode == 0 and ours.returncode == 0, ours.stderr[-2000:]
+    assert "requires torchvision (not installed)" in bare.stderr  # the library still says it: the check can fail
+    assert "requires torchvision" not in ours.stderr + ours.stdout

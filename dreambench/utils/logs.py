@@ -29,6 +29,15 @@ def _actionable(record: logging.LogRecord) -> bool:
     return not any(text in message for text in NOT_ACTIONABLE)
 
 
+def quiet_import_notices() -> None:
+    """Drop transformers' torchvision notice from the start: it is logged when diffusers first imports
+    `transformers.CLIPImageProcessor` (every entry point, before `route_library_logs_to_root` can run). Needs only
+    the standard logging module; `import dreambench` calls it."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if _actionable not in logger.filters:
+        logger.addFilter(_actionable)
+
+
 def route_library_logs_to_root() -> None:
     """Call once the root logger has its handlers (after Hydra configured logging)."""
     if not logging.getLogger().handlers:
