@@ -127,7 +127,7 @@ gpu-check: $(STAMP) ## everything a GPU session should measure, in one call insi
 # The paper's tables (experiments/README.md). TABLE_ARGS: more Hydra overrides for training; SUBJECTS=a,b and
 # SEEDS=0,1 narrow or widen a table; OUT=... moves its folder.
 TABLE_ARGS ?= trainer=gpu
-.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke table1-toy table3-toy table4-toy toolbox-toy
+.PHONY: table1 table3 table4 table1-smoke table3-smoke table4-smoke table1-toy table3-toy table4-toy toy-tables toolbox-toy
 
 table1: $(STAMP) ## Table 1: DreamBooth vs Textual Inversion, 30 subjects + real images (GPU, real SD weights)
 	PY=$(BIN)/python bash experiments/table1.sh $(TABLE_ARGS)
@@ -156,6 +156,14 @@ table3-toy: $(STAMP) ## Table 3 on the toy world (CPU)
 
 table4-toy: $(STAMP) ## Table 4 on the toy world (CPU)
 	PY=$(BIN)/python bash experiments/table4.sh --toy
+
+# All three tables from one set of runs, the shared DreamBooth row trained once (experiments/tables.sh), two
+# single-threaded groups of subjects side by side on a 2-core machine. TOY_SUBJECTS: one subject of each of 8
+# classes, as in docs/TOY_WORLD.md's tables; SUBJECTS= / SEEDS= / JOBS= override.
+TOY_SUBJECTS := toy_ball1,toy_box1,toy_cup2,toy_house1,toy_tree1,toy_star1,toy_fish1,toy_car1
+toy-tables: toy-world ## Tables 1, 3 and 4 on the toy world, one report (8 subjects x seeds 0,1,2; CPU)
+	SUBJECTS=$${SUBJECTS:-$(TOY_SUBJECTS)} JOBS=$${JOBS:-$$(( $$(nproc) < 2 ? $$(nproc) : 2 ))} \
+	  PY=$(BIN)/python bash experiments/tables.sh --toy
 
 toolbox-toy: $(STAMP) ## each training switch against DreamBooth with none, on the toy world (docs/TOOLBOX.md; CPU)
 	PY=$(BIN)/python bash experiments/toolbox.sh --toy

@@ -2,7 +2,8 @@
 folders, ours beside the paper's.
 
 Reads only what the recipes (experiments/table*.sh) leave on disk: every run folder under <folder> (its
-config.yaml says `recipe.table`, `recipe.row`, `data.subject`, `seed`; its eval/metrics.json the per-subject
+config.yaml says `recipe.table`, `recipe.row`, `data.subject`, `seed`, and in `recipe.also` any other
+<table>/<row> the same training stands for; its eval/metrics.json the per-subject
 scores of `python -m dreambench.evaluate`) and, for Table 1's "Real images" row, <folder>/real/eval/metrics.json.
 A row's number is the unweighted mean over subjects (a subject with several seeds: their mean first) with a 95%
 percentile bootstrap interval over subjects (1000 resamples, seed 0: the evaluation's own procedure). Writes to
@@ -111,19 +112,26 @@ def find_runs(folder: Path) -> list[Run]:
         scores, reasons = _scores(ev, subject)
         if not ev:
             reasons = {"*": "not evaluated (no eval/metrics.json)"}
-        runs.append(
-            Run(
-                run,
-                str(recipe["table"]),
-                str(recipe["row"]),
-                subject,
-                int(cfg.get("seed", 0)),
-                scores,
-                reasons,
-                ev.get("protocol"),
-                str((cfg.get("model") or {}).get("name") or ""),
+        # recipe.also: the same training counted as a row of other tables (conf/recipe/tables_dreambooth.yaml)
+        for table_row in [f"{recipe['table']}/{recipe['row']}", *(recipe.get("also") or [])]:
+            table, sep, row = str(table_row).partition("/")
+            if not (sep and table and row):
+                raise SystemExit(
+                    f"analysis.tables: error: {cfg_file}: recipe.also entry {table_row!r} is not <table>/<row>"
+                )
+            runs.append(
+                Run(
+                    run,
+                    table,
+                    row,
+                    subject,
+                    int(cfg.get("seed", 0)),
+                    scores,
+                    reasons,
+                    ev.get("protocol"),
+                    str((cfg.get("model") or {}).get("name") or ""),
+                )
             )
-        )
     return runs
 
 

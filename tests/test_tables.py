@@ -297,6 +297,37 @@ def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
     assert [r.folder for r in tables.find_runs(tmp_path)] == [run]
 
 
+def test_a_run_with_recipe_also_is_a_row_of_each_table_it_names(tmp_path):
+    # experiments/tables.sh trains DreamBooth once for Tables 1, 3 and 4 (conf/recipe/tables_dreambooth.yaml)
+    run = _run(tmp_path, "table1", "dreambooth", "dog", 0, {"dino": 0.6, "pres": 0.2})
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["recipe"]["also"] = ["table3/with_prior", "table4/correct"]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    found = tables.find_runs(tmp_path)
+    assert {(r.table, r.row) for r in found} == {("table1", "dreambooth"), ("table3", "with_prior"),
+                                                 ("table4", "correct")}
+    assert {r.folder for r in found} == {run} and all(r.scores["dino"] == 0.6 for r in found)
+    cfg["recipe"]["also"] = ["table3"]  # not <table>/<row>: named, not silently dropped
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="recipe.also entry 'table3' is not <table>/<row>"):
+        tables.find_runs(tmp_path)
+
+
+def test_the_shared_recipe_is_table1s_dreambooth_as_table3s_and_table4s_rows_are():
+    from omegaconf import OmegaConf
+
+    from tests.helpers import compose
+
+    def recipe(name):
+        cfg = OmegaConf.to_container(compose([f"+recipe={name}", "+experiment=dog"]), resolve=False)
+        return cfg.pop("recipe"), cfg
+
+    shared_recipe, shared = recipe("tables_dreambooth")
+    assert shared_recipe["also"] == ["table3/with_prior", "table4/correct"]
+    for name in ("table1_dreambooth", "table3_prior", "table4_correct"):
+        assert recipe(name)[1] == shared, name  # the same training, only the label differs
+
+
 def test_paper_numbers_match_protocol():
     text = REPO.parent / "shared" / "docs" / "PROTOCOL.md"
     if not text.is_file():
@@ -458,3 +489,25 @@ def test_toolbox_smoke_end_to_end_each_row_is_the_baseline_with_its_one_switch(t
     by = {(r["higher"], r["metric"]): r for r in csv.DictReader((out / "tables" / "toolbox_directions.csv").open())}
     assert {h for h, _ in by} == {"ema", *switched} and all(r["n_subjects"] == "1" for r in by.values())
 
+
+
+@pytest.mark.slow
+def test_tables_script_trains_dreambooth_once_for_all_three_tables_in_two_groups(tmp_path):
+    out = tmp_path / "tables"
+    env = {**os.environ, "OUT": str(out), "SUBJECTS": "dog,backpack", "JOBS": "2", "PY": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "experiments" / "tables.sh"), "--smoke", "trainer.max_steps=2"],
+                       check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {p.name for p in out.iterdir() if p.is_dir()}
+    # one folder per training: no with_prior / correct copies of the DreamBooth runs
+    assert rows == {"dreambooth", "textual_inversion", "no_prior", "none", "wrong", "untrained", "real", "tables",
+                    "logs"}
+    assert sorted(p.name for p in (out / "dreambooth").iterdir() if p.is_dir()) == ["backpack-s0", "dog-s0"]
+    assert {p.name for p in (out / "logs").iterdir()} == {"group0.log", "group1.log"}  # two groups side by side
+    t1, t3, t4 = _csv(out, "table1"), _csv(out, "table3"), _csv(out, "table4")
+    assert t3["with_prior", "dino"]["ours"] == t4["correct", "dino"]["ours"] == t1["dreambooth", "dino"]["ours"]
+    for by, row in ((t1, "textual_inversion"), (t1, "untrained"), (t1, "real"), (t3, "no_prior"), (t4, "none"),
+                    (t4, "wrong")):
+        assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 2, row
+    report = (out / "tables" / "report.html").read_text()
+    assert all(f"Table {n}" in report for n in (1, 3, 4))
