@@ -80,6 +80,26 @@ evaluate_rows() {  # evaluate_rows <row> ...: every run of those rows (any metho
   "$PY" -m dreambench.evaluate mode=run "runs=[${runs%,}]" ${EVAL[@]+"${EVAL[@]}"}
 }
 
+has_textual_inversion() {  # the model family has Textual Inversion (SD 1.x/2.x, SDXL; not SD 3.5 or Flux);
+                           # if not, says the row is left out (the table then says "no runs" for it)
+  [ "$("$PY" -m analysis.recipes has-method textual_inversion ${TRAIN[@]+"${TRAIN[@]}"} \
+        ${EXTRA[@]+"${EXTRA[@]}"})" = yes ] && return 0
+  echo "$TABLE: this model family has no textual inversion; the row is left out" >&2
+  return 1
+}
+
+train_wrong() {  # Table 4's wrong-class row: one run per subject, as the wrong class (another DreamBench class,
+                 # `python -m analysis.recipes wrong-class`, seeded by WRONG_SEED) differs per subject
+  local s
+  for s in ${SUBJECTS//,/ }; do
+    SUBJECTS=$s train table4_wrong "data.class_noun=$("$PY" -m analysis.recipes wrong-class "$s" --seed "${WRONG_SEED:-0}")"
+  done
+}
+
+evaluate_real() {  # Table 1's "Real images" row: distinct pairs of each subject's own photos
+  "$PY" -m dreambench.evaluate mode=real out_dir="$OUT/real" "subjects=[$SUBJECTS]" ${EVAL[@]+"${EVAL[@]}"}
+}
+
 tables() {
   "$PY" -m analysis.tables "$OUT" --table "$TABLE"
 }

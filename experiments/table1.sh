@@ -7,15 +7,9 @@
 # Recipes: conf/recipe/table1_{dreambooth,textual_inversion,untrained}.yaml. Options: common.sh.
 TABLE=table1
 source "$(dirname "$0")/common.sh"
-# Textual Inversion only where the model family has it (SD 1.x/2.x, SDXL; not SD 3.5 or Flux): the row is left out
-# of the table otherwise, and the table says "no runs" for it.
+# Textual Inversion only where the model family has it (common.sh).
 ROWS=(dreambooth)
-if [ "$("$PY" -m analysis.recipes has-method textual_inversion ${TRAIN[@]+"${TRAIN[@]}"} \
-        ${EXTRA[@]+"${EXTRA[@]}"})" = yes ]; then
-  ROWS+=(textual_inversion)
-else
-  echo "table1: this model family has no textual inversion; the row is left out" >&2
-fi
+if has_textual_inversion; then ROWS+=(textual_inversion); fi
 RECIPES=$(printf 'table1_%s,' "${ROWS[@]}" | sed 's/,$//')
 # DreamBooth-LoRA (not in the paper) where the family has a LoRA recipe (SDXL, SD 3.5, Flux): conf/recipe/lora_*.yaml.
 LORA=$("$PY" -m analysis.recipes lora-recipe ${TRAIN[@]+"${TRAIN[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})
@@ -28,5 +22,5 @@ train "$RECIPES"
 # as the recipe says: --toy and --smoke set trainer.max_steps for every row, and a command-line value wins.
 SEEDS=0 train table1_untrained trainer.max_steps=0
 evaluate_rows "${ROWS[@]}" untrained
-"$PY" -m dreambench.evaluate mode=real out_dir="$OUT/real" "subjects=[$SUBJECTS]" ${EVAL[@]+"${EVAL[@]}"}
+evaluate_real
 tables

@@ -7,9 +7,6 @@ TABLE=table4
 source "$(dirname "$0")/common.sh"
 train table4_correct
 train table4_none "data.class_noun=''"
-# The wrong class differs per subject, so this row is one run per subject rather than one sweep.
-for s in ${SUBJECTS//,/ }; do
-  SUBJECTS=$s train table4_wrong "data.class_noun=$("$PY" -m analysis.recipes wrong-class "$s" --seed "${WRONG_SEED:-0}")"
-done
+train_wrong
 evaluate_rows correct none wrong
 tables

@@ -13,24 +13,21 @@ TABLE=tables
 source "$(dirname "$0")/common.sh"
 JOBS=${JOBS:-1}
 [[ $JOBS =~ ^[1-9][0-9]*$ ]] || { echo "tables: JOBS=$JOBS must be a whole number >= 1" >&2; exit 2; }
-# Textual Inversion only where the model family has it (as table1.sh).
+# Textual Inversion only where the model family has it (common.sh).
 TI=0
-[ "$("$PY" -m analysis.recipes has-method textual_inversion ${TRAIN[@]+"${TRAIN[@]}"} \
-      ${EXTRA[@]+"${EXTRA[@]}"})" = yes ] && TI=1
+if has_textual_inversion; then TI=1; fi
 
 group() {  # group <subject,...>: every training of the three tables for these subjects, then their evaluation
-  local subjects=$1 s
-  SUBJECTS=$subjects train tables_dreambooth
-  [ "$TI" = 1 ] && SUBJECTS=$subjects train table1_textual_inversion
-  SUBJECTS=$subjects train table3_no_prior
-  SUBJECTS=$subjects train table4_none "data.class_noun=''"
-  for s in ${subjects//,/ }; do
-    SUBJECTS=$s train table4_wrong "data.class_noun=$("$PY" -m analysis.recipes wrong-class "$s" --seed "${WRONG_SEED:-0}")"
-  done
+  local SUBJECTS=$1 s  # what train and train_wrong read, for this group only
+  train tables_dreambooth
+  if [ "$TI" = 1 ]; then train table1_textual_inversion; fi
+  train table3_no_prior
+  train table4_none "data.class_noun=''"
+  train_wrong
   # Seed 0 only: the base model does not depend on the training seed (as table1.sh).
-  SUBJECTS=$subjects SEEDS=0 train table1_untrained trainer.max_steps=0
+  SEEDS=0 train table1_untrained trainer.max_steps=0
   local runs=()
-  for s in ${subjects//,/ }; do runs+=("$OUT"/*/"$s"-s*); done
+  for s in ${SUBJECTS//,/ }; do runs+=("$OUT"/*/"$s"-s*); done
   "$PY" -m dreambench.evaluate mode=run "runs=[$(IFS=,; echo "${runs[*]}")]" ${EVAL[@]+"${EVAL[@]}"}
 }
 
@@ -55,5 +52,5 @@ else
   done
   [ "$failed" = 0 ] || exit 1
 fi
-"$PY" -m dreambench.evaluate mode=real out_dir="$OUT/real" "subjects=[$SUBJECTS]" ${EVAL[@]+"${EVAL[@]}"}
+evaluate_real
 "$PY" -m analysis.tables "$OUT"
