@@ -490,7 +490,6 @@ def test_toolbox_smoke_end_to_end_each_row_is_the_baseline_with_its_one_switch(t
     assert {h for h, _ in by} == {"ema", *switched} and all(r["n_subjects"] == "1" for r in by.values())
 
 
-
 @pytest.mark.slow
 def test_tables_script_trains_dreambooth_once_for_all_three_tables_in_two_groups(tmp_path):
     out = tmp_path / "tables"

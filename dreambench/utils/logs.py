@@ -56,9 +56,8 @@ def route_library_logs_to_root() -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     # Filters sit on the loggers that create the records (a record's own logger's filters apply, its
-    # ancestors' do not).
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "transformers.utils.import_utils"):
+    # ancestors' do not). transformers' import notice has its filter from `import dreambench` already.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _actionable not in logger.filters:
             logger.addFilter(_actionable)
