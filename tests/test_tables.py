@@ -510,3 +510,12 @@ def test_tables_script_trains_dreambooth_once_for_all_three_tables_in_two_groups
         assert by[row, "dino"]["ours"] and int(by[row, "dino"]["n_subjects"]) == 2, row
     report = (out / "tables" / "report.html").read_text()
     assert all(f"Table {n}" in report for n in (1, 3, 4))
+
+
+def test_tables_script_refuses_a_jobs_value_that_is_not_a_count_before_any_training(tmp_path):
+    out = tmp_path / "tables"
+    env = {**os.environ, "OUT": str(out), "SUBJECTS": "dog", "JOBS": "two", "PY": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "experiments" / "tables.sh"), "--smoke"], check=False, cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "tables: JOBS=two must be a whole number >= 1" in r.stderr, r.stderr[-2000:]
+    assert not out.exists()  # nothing trained, no folder made
