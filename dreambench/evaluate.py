@@ -31,6 +31,7 @@ from dreambench.metrics.functional import bootstrap_ci, clip_t_text
 from dreambench.metrics.scorer import (UNAVAILABLE, EvalInputError, ImageSet, Item, MetricSet, Scorer, build_scorer,
                                        load_images, one_line)
 from dreambench.utils.io import atomic_write_json, atomic_write_text
+from dreambench.utils.logs import library_progress_bars
 
 log = logging.getLogger("dreambench.evaluate")
 
@@ -499,6 +500,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
+    library_progress_bars(bool(cfg.eval.progress))
     try:
         result = evaluate(cfg)
     except EvalInputError as e:

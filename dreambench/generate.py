@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dreambench.errors import UserError, exit_on_user_error
+from dreambench.utils.logs import library_progress_bars
 
 
 def find_run(run: Path) -> tuple[Path, Path | None]:
@@ -99,6 +100,7 @@ def generate_from_run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    library_progress_bars(bool(cfg.progress))
     with exit_on_user_error():
         out = generate_from_run(cfg)
     print(f"dreambench: images in {out}")

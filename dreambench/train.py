@@ -353,8 +353,9 @@ def main(cfg: DictConfig) -> float | None:
             if isinstance(h, logging.FileHandler):
                 logging.getLogger().removeHandler(h)
     logging.basicConfig(level=logging.INFO, format="[dreambench] %(message)s")
-    from dreambench.utils.logs import route_library_logs_to_root
+    from dreambench.utils.logs import library_progress_bars, route_library_logs_to_root
     route_library_logs_to_root()
+    library_progress_bars(bool(cfg.progress))
     try:
         metrics = train(cfg)
     except UserError as e:

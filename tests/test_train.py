@@ -126,6 +126,9 @@ def test_cli_run_with_wandb_offline(tmp_path):
     for noise in ("💡 Tip", "requires torchvision", "module(s) in eval mode", "LeafSpec", "GPU available: False",
                   "TPU available: False"):
         assert noise not in console, noise
+    # progress=false (TINY): no bar of transformers' or diffusers' either (loading, and saving model/)
+    for bar in ("Loading weights", "Writing model shards", "Loading pipeline components", "it/s]"):
+        assert bar not in console, bar
     # Start-up in seconds a person reads (it used to be a bare unix time), measured from the process's start,
     # and the clock time in UTC; the threads the run chose, and why.
     after = float(re.search(r"first training step ([0-9.]+) s after the command started \(at 20[0-9-]+T[0-9:.]+Z\)",
@@ -144,6 +147,7 @@ def test_cli_run_with_wandb_offline(tmp_path):
                                         'prompts=["a {identifier} {class_noun} on the beach"]', "progress=false",
                                         f"out={tmp_path / 'gen'}"])
     assert g.returncode == 0, g.stderr[-3000:]
+    assert "Loading" not in g.stderr and "it/s]" not in g.stderr, g.stderr[-3000:]  # progress=false: no bars
     prompts = json.loads((tmp_path / "gen" / "prompts.json").read_text())
     assert [p["prompt"] for p in prompts] == ["a sks dog on the beach"] * 2 and [p["seed"] for p in prompts] == [0, 1]
     assert Image.open(tmp_path / "gen" / prompts[0]["file"]).size == (32, 32)

@@ -61,3 +61,15 @@ def route_library_logs_to_root() -> None:
         logger = logging.getLogger(name)
         if _actionable not in logger.filters:
             logger.addFilter(_actionable)
+
+
+def library_progress_bars(enabled: bool) -> None:
+    """transformers' and diffusers' own bars ("Loading weights", "Writing model shards", "Loading pipeline
+    components") follow the run's progress setting: with progress=false a run prints none of them, as it prints no
+    bar of its own (the table scripts' logs were full of them). With progress=true they stay, e.g. for a large text
+    encoder's load."""
+    import diffusers.utils.logging as df_logging
+    import transformers.utils.logging as hf_logging
+
+    for lib in (hf_logging, df_logging):
+        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
