@@ -113,10 +113,11 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
     protocol = None
     for name, (table, rows) in tables.items():
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
-        from analysis.tables import smoke_note
+        from analysis.tables import generation_note, smoke_note
 
         if warn := smoke_note(rows):
             parts.append(f"<p><b>{html.escape(warn)}</b></p>")
+        gen = generation_note(rows)
         parts.append(_table_html(table, rows))
         parts.append(_directions_html(table, rows))
         parts.append(
@@ -124,7 +125,7 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
         )
         parts.append(
             "<h3>Known differences from the paper</h3><ul>"
-            + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes)
+            + "".join(f"<li>{html.escape(n)}</li>" for n in (*table.notes, *([gen] if gen else [])))
             + "</ul>"
         )
         parts.append("<h3>Images per subject and row</h3>")

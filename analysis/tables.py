@@ -297,6 +297,35 @@ def smoke_note(rows: list[RowResult]) -> str | None:
     return None
 
 
+def _generation(protocol: dict | None) -> str | None:
+    g = (protocol or {}).get("generation")
+    if not g:
+        return None  # real images, or an evaluation of a folder made elsewhere
+    gd = g.get("guidance") or {}
+    size = f", {gd['height']} px" if gd.get("height") else ""
+    return (f"{gd.get('scheduler', '?')}, {gd.get('num_inference_steps', '?')} steps, guidance "
+            f"{gd.get('guidance_scale', '?')}{size}, {g.get('images_per_prompt', '?')} images x "
+            f"{g.get('n_prompts', '?')} prompts")
+
+
+def generation_note(rows: list[RowResult]) -> str | None:
+    """How the table's images were generated, read from the runs' eval/metrics.json (the sampler, steps and
+    guidance are not the paper's, which does not give them), and a warning when rows or runs were evaluated with
+    different settings: their numbers are then not comparable (e.g. 25 DDIM steps against 50 moves every score of
+    a toy table by ~0.01)."""
+    settings: dict[str, list[str]] = {}
+    for r in rows:
+        for run in r.runs:
+            if (g := _generation(run.protocol)) is not None:
+                settings.setdefault(g, []).append(r.key)
+    if not settings:
+        return None
+    if len(settings) == 1:
+        return f"Generation (every run's eval/metrics.json): {next(iter(settings))}."
+    parts = "; ".join(f"{g} ({len(v)} run{'s' * (len(v) != 1)}: {', '.join(sorted(set(v)))})" for g, v in settings.items())
+    return f"MIXED GENERATION SETTINGS — runs evaluated differently are not comparable: {parts}."
+
+
 # ------------------------------------------------------------------------------------------------- rendering
 
 
@@ -352,6 +381,7 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
             "",
         ]
         + [f"- {n}" for n in table.notes]
+        + ([f"- {gen}"] if (gen := generation_note(rows)) else [])
     )
     return "\n".join(lines) + "\n"
 

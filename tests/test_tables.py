@@ -290,6 +290,30 @@ def test_toy_world_tables_say_to_compare_directions_not_values(tmp_path):
     assert "TOY WORLD" not in (tmp_path / "tables" / "table3.md").read_text()
 
 
+def _set_generation(run: Path, steps: int) -> None:
+    ev = json.loads((run / "eval" / "metrics.json").read_text())
+    ev["protocol"]["generation"] = {"guidance": {"scheduler": "DDIMScheduler", "num_inference_steps": steps,
+                                                 "guidance_scale": 7.5, "height": 32}, "images_per_prompt": 2,
+                                    "n_prompts": 25}
+    (run / "eval" / "metrics.json").write_text(json.dumps(ev))
+
+
+def test_the_report_states_how_images_were_generated_and_flags_rows_evaluated_differently(tmp_path):
+    a = _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6, "pres": 0.3})
+    b = _run(tmp_path, "table3", "no_prior", "dog", 0, {"dino": 0.6, "pres": 0.5})
+    for run in (a, b):
+        _set_generation(run, 25)
+    tables.render(tmp_path, ["table3"])
+    md, page = (tmp_path / "tables" / "table3.md").read_text(), (tmp_path / "tables" / "report.html").read_text()
+    line = "DDIMScheduler, 25 steps, guidance 7.5, 32 px, 2 images x 25 prompts"
+    assert f"Generation (every run's eval/metrics.json): {line}." in md and line in page and "MIXED" not in md
+    _set_generation(b, 50)  # one row evaluated at 50 DDIM steps: its scores are not comparable with the other's
+    tables.render(tmp_path, ["table3"])
+    md, page = (tmp_path / "tables" / "table3.md").read_text(), (tmp_path / "tables" / "report.html").read_text()
+    assert "MIXED GENERATION SETTINGS" in md and "MIXED GENERATION SETTINGS" in page
+    assert f"{line} (1 run: with_prior)" in md and "50 steps" in md and "(1 run: no_prior)" in md
+
+
 def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
     run = _run(tmp_path, "table3", "with_prior", "dog", 0, {"dino": 0.6})
     (run / ".hydra").mkdir()  # what a CLI run also writes: the same config, beside the run's own
