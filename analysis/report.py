@@ -118,6 +118,9 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
         if warn := smoke_note(rows):
             parts.append(f"<p><b>{html.escape(warn)}</b></p>")
         gen = generation_note(rows)
+        if gen and gen.startswith("MIXED"):  # a warning, not a note
+            parts.append(f"<p><b>{html.escape(gen)}</b></p>")
+            gen = None
         parts.append(_table_html(table, rows))
         parts.append(_directions_html(table, rows))
         parts.append(

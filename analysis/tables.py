@@ -322,7 +322,8 @@ def generation_note(rows: list[RowResult]) -> str | None:
         return None
     if len(settings) == 1:
         return f"Generation (every run's eval/metrics.json): {next(iter(settings))}."
-    parts = "; ".join(f"{g} ({len(v)} run{'s' * (len(v) != 1)}: {', '.join(sorted(set(v)))})" for g, v in settings.items())
+    parts = "; ".join(f"{g} ({len(v)} run{'s' * (len(v) != 1)}: {', '.join(sorted(set(v)))})"
+                      for g, v in settings.items())
     return f"MIXED GENERATION SETTINGS — runs evaluated differently are not comparable: {parts}."
 
 
@@ -371,8 +372,11 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
     for d in directions(table, rows):
         lines.append("| " + " | ".join(direction_cells(table, d, labels)) + " |")
     warn = smoke_note(rows)
+    gen = generation_note(rows)
+    mixed = gen is not None and gen.startswith("MIXED")  # a warning, shown where the smoke warning is
     lines += (
         ([""] + [f"**{warn}**"] if warn else [])
+        + ([""] + [f"**{gen}**"] if mixed else [])
         + [
             "",
             f"Ours: mean over {'runs' if table.unit == 'run' else 'subjects'} [95% bootstrap interval over "
@@ -381,7 +385,7 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
             "",
         ]
         + [f"- {n}" for n in table.notes]
-        + ([f"- {gen}"] if (gen := generation_note(rows)) else [])
+        + ([f"- {gen}"] if gen and not mixed else [])
     )
     return "\n".join(lines) + "\n"
 
