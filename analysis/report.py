@@ -115,12 +115,10 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
         from analysis.tables import generation_note, smoke_note
 
-        if warn := smoke_note(rows):
-            parts.append(f"<p><b>{html.escape(warn)}</b></p>")
-        gen = generation_note(rows)
-        if gen and gen.startswith("MIXED"):  # a warning, not a note
-            parts.append(f"<p><b>{html.escape(gen)}</b></p>")
-            gen = None
+        gen_warn, gen_note = generation_note(rows)
+        for warn in (smoke_note(rows), gen_warn):
+            if warn:
+                parts.append(f"<p><b>{html.escape(warn)}</b></p>")
         parts.append(_table_html(table, rows))
         parts.append(_directions_html(table, rows))
         parts.append(
@@ -128,7 +126,7 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
         )
         parts.append(
             "<h3>Known differences from the paper</h3><ul>"
-            + "".join(f"<li>{html.escape(n)}</li>" for n in (*table.notes, *([gen] if gen else [])))
+            + "".join(f"<li>{html.escape(n)}</li>" for n in (*table.notes, *([gen_note] if gen_note else [])))
             + "</ul>"
         )
         parts.append("<h3>Images per subject and row</h3>")

@@ -308,23 +308,23 @@ def _generation(protocol: dict | None) -> str | None:
             f"{g.get('n_prompts', '?')} prompts")
 
 
-def generation_note(rows: list[RowResult]) -> str | None:
-    """How the table's images were generated, read from the runs' eval/metrics.json (the sampler, steps and
-    guidance are not the paper's, which does not give them), and a warning when rows or runs were evaluated with
-    different settings: their numbers are then not comparable (e.g. 25 DDIM steps against 50 moves every score of
-    a toy table by ~0.01)."""
+def generation_note(rows: list[RowResult]) -> tuple[str | None, str | None]:
+    """(warning, note) on how the table's images were generated, read from the runs' eval/metrics.json (the
+    sampler, steps and guidance are not the paper's, which does not give them). One setting for every run: the
+    note. Runs evaluated with different settings: the warning, row by row, as their numbers are not comparable
+    (e.g. 25 DDIM steps against 50 moves every score of a toy table by ~0.01). Neither when no run generated."""
     settings: dict[str, list[str]] = {}
     for r in rows:
         for run in r.runs:
             if (g := _generation(run.protocol)) is not None:
                 settings.setdefault(g, []).append(r.key)
     if not settings:
-        return None
+        return None, None
     if len(settings) == 1:
-        return f"Generation (every run's eval/metrics.json): {next(iter(settings))}."
+        return None, f"Generation (every run's eval/metrics.json): {next(iter(settings))}."
     parts = "; ".join(f"{g} ({len(v)} run{'s' * (len(v) != 1)}: {', '.join(sorted(set(v)))})"
                       for g, v in settings.items())
-    return f"MIXED GENERATION SETTINGS — runs evaluated differently are not comparable: {parts}."
+    return f"MIXED GENERATION SETTINGS — runs evaluated differently are not comparable: {parts}.", None
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -372,11 +372,10 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
     for d in directions(table, rows):
         lines.append("| " + " | ".join(direction_cells(table, d, labels)) + " |")
     warn = smoke_note(rows)
-    gen = generation_note(rows)
-    mixed = gen is not None and gen.startswith("MIXED")  # a warning, shown where the smoke warning is
+    gen_warn, gen_note = generation_note(rows)
     lines += (
         ([""] + [f"**{warn}**"] if warn else [])
-        + ([""] + [f"**{gen}**"] if mixed else [])
+        + ([""] + [f"**{gen_warn}**"] if gen_warn else [])
         + [
             "",
             f"Ours: mean over {'runs' if table.unit == 'run' else 'subjects'} [95% bootstrap interval over "
@@ -385,7 +384,7 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
             "",
         ]
         + [f"- {n}" for n in table.notes]
-        + ([f"- {gen}"] if gen and not mixed else [])
+        + ([f"- {gen_note}"] if gen_note else [])
     )
     return "\n".join(lines) + "\n"
 
