@@ -56,7 +56,8 @@ SD_NOTES = (
     "Stable Diffusion version: the paper does not say which; ours is model.pretrained (SD 1.5 by default).",
     "Sampler, steps and guidance scale: not given in the paper; ours are the run's guidance.* (DDIM, 50 steps, "
     "7.5 by default), recorded in each eval/metrics.json.",
-    "Class images: the paper used ~1000 generated prior images; the recipe uses 200 (the paper: 'fewer work').",
+    ("Class images: the paper used ~1000 generated prior images (and says fewer work); conf/prior/generated.yaml "
+     "generates 200 by default, the toy world's recipes 16: each row's number is in the Training note."),
 )
 
 TABLES = {
@@ -91,7 +92,8 @@ TABLES = {
             "DreamBooth (Imagen), 0.696 / 0.812 / 0.306 in the paper, is not reproducible here (Imagen is not "
             "public).",
             "Textual Inversion: the paper does not give its TI settings; ours are Gal et al.'s (lr 5e-3 x batch, "
-            "no prior loss) with 3000 steps, conf/recipe/table1_textual_inversion.yaml.",
+            "no prior loss), conf/recipe/table1_textual_inversion.yaml (3000 steps; the toy world's recipe 300: "
+            "each row's steps and learning rate are in the Training note).",
             "Real-images row: near-duplicate photos (cat 01/02, dog 03/04, dog5 02/03) inflate it, as in the paper.",
             ("Untrained model: not in the paper's table; the base model with no training step, the floor both methods "
              "must rise above in subject fidelity (DINO, CLIP-I)."),

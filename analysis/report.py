@@ -113,12 +113,10 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
     protocol = None
     for name, (table, rows) in tables.items():
         parts.append(f"<h2>{html.escape(table.title)}</h2>")
-        from analysis.tables import generation_note, smoke_note
+        from analysis.tables import settings_notes
 
-        gen_warn, gen_note = generation_note(rows)
-        for warn in (smoke_note(rows), gen_warn):
-            if warn:
-                parts.append(f"<p><b>{html.escape(warn)}</b></p>")
+        warnings, notes = settings_notes(rows)
+        parts += [f"<p><b>{html.escape(w)}</b></p>" for w in warnings]
         parts.append(_table_html(table, rows))
         parts.append(_directions_html(table, rows))
         parts.append(
@@ -126,7 +124,7 @@ def write_report(folder: Path, out: Path, tables: dict[str, tuple[Any, list]]) -
         )
         parts.append(
             "<h3>Known differences from the paper</h3><ul>"
-            + "".join(f"<li>{html.escape(n)}</li>" for n in (*table.notes, *([gen_note] if gen_note else [])))
+            + "".join(f"<li>{html.escape(n)}</li>" for n in (*table.notes, *notes))
             + "</ul>"
         )
         parts.append("<h3>Images per subject and row</h3>")

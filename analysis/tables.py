@@ -47,6 +47,7 @@ class Run:
     reasons: dict[str, str]  # metric -> why there is no number ("unavailable: ...")
     protocol: dict | None
     model: str = ""  # model.name (sd15, sdxl, ...; empty in runs that do not say)
+    training: str | None = None  # how it was trained, from its config.yaml (_training); None: the config does not say
 
 
 @dataclass
@@ -130,6 +131,7 @@ def find_runs(folder: Path) -> list[Run]:
                     reasons,
                     ev.get("protocol"),
                     str((cfg.get("model") or {}).get("name") or ""),
+                    _training(cfg),
                 )
             )
     return runs
@@ -308,6 +310,56 @@ def _generation(protocol: dict | None) -> str | None:
             f"{g.get('n_prompts', '?')} prompts")
 
 
+def _training(cfg: dict) -> str | None:
+    """A run's training as the tables' notes state it, from its config.yaml: steps, learning rate (the method's
+    own where it has one, e.g. Textual Inversion's, else the optimizer's), batch, and the prior loss."""
+    trainer = cfg.get("trainer") or {}
+    if "max_steps" not in trainer:
+        return None  # not a config train() wrote
+    steps = int(trainer["max_steps"])
+    if steps == 0:
+        return "no training step"
+    lr = (cfg.get("method") or {}).get("lr") or (cfg.get("optimizer") or {}).get("lr")
+    batch = (cfg.get("data") or {}).get("batch_size")
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    prior = cfg.get("prior") or {}
+    weight = float(prior.get("weight") or 0)
+    parts = [f"{steps} steps"]
+    if lr is not None:
+        parts.append(f"lr {float(lr):g}")
+    if batch is not None:
+        parts.append(f"batch {batch}" + (f" x {accumulate} accumulated" if accumulate > 1 else ""))
+    if weight > 0:
+        source = "generated" if str(prior.get("_target_", "")).endswith("GeneratedPrior") else "folder"
+        n = prior.get("num_images")
+        parts.append(f"prior loss λ {weight:g} on {n if n else 'all'} {source} class images")
+    else:
+        parts.append("no prior loss")
+    return ", ".join(parts)
+
+
+def training_note(rows: list[RowResult]) -> tuple[str | None, str | None]:
+    """(warning, note) on how each row was trained, read from its runs' config.yaml: the paper's steps, learning
+    rates and number of class images are not what a CPU recipe runs (the toy world trains 300 steps on 16 class
+    images), so the table says what its runs did. A row whose runs were trained differently (beyond seed and
+    subject): the warning, as its mean mixes settings. Neither when no run's config says."""
+    per_row: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for run in r.runs:
+            if run.training is not None:
+                counts = per_row.setdefault(r.label, {})
+                counts[run.training] = counts.get(run.training, 0) + 1
+    if not per_row:
+        return None, None
+    mixed = {label: c for label, c in per_row.items() if len(c) > 1}
+    if mixed:
+        parts = "; ".join(f"{label}: " + " / ".join(f"{t} ({n} run{'s' * (n != 1)})" for t, n in c.items())
+                          for label, c in mixed.items())
+        return f"MIXED TRAINING SETTINGS within a row — its mean mixes runs trained differently: {parts}.", None
+    return None, "Training (each run's config.yaml): " + "; ".join(
+        f"{label}: {next(iter(c))}" for label, c in per_row.items()) + "."
+
+
 def generation_note(rows: list[RowResult]) -> tuple[str | None, str | None]:
     """(warning, note) on how the table's images were generated, read from the runs' eval/metrics.json (the
     sampler, steps and guidance are not the paper's, which does not give them). One setting for every run: the
@@ -325,6 +377,15 @@ def generation_note(rows: list[RowResult]) -> tuple[str | None, str | None]:
     parts = "; ".join(f"{g} ({len(v)} run{'s' * (len(v) != 1)}: {', '.join(sorted(set(v)))})"
                       for g, v in settings.items())
     return f"MIXED GENERATION SETTINGS — runs evaluated differently are not comparable: {parts}.", None
+
+
+def settings_notes(rows: list[RowResult]) -> tuple[list[str], list[str]]:
+    """What a table says about its own runs, for the markdown and report.html alike: (warnings, notes). Warnings:
+    smoke or toy numbers, mixed generation or training settings; notes: the generation and training settings."""
+    gen_warn, gen_note = generation_note(rows)
+    train_warn, train_note = training_note(rows)
+    return ([w for w in (smoke_note(rows), gen_warn, train_warn) if w],
+            [n for n in (gen_note, train_note) if n])
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -371,11 +432,9 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d in directions(table, rows):
         lines.append("| " + " | ".join(direction_cells(table, d, labels)) + " |")
-    warn = smoke_note(rows)
-    gen_warn, gen_note = generation_note(rows)
+    warnings, notes = settings_notes(rows)
     lines += (
-        ([""] + [f"**{warn}**"] if warn else [])
-        + ([""] + [f"**{gen_warn}**"] if gen_warn else [])
+        [line for w in warnings for line in ("", f"**{w}**")]
         + [
             "",
             f"Ours: mean over {'runs' if table.unit == 'run' else 'subjects'} [95% bootstrap interval over "
@@ -383,8 +442,7 @@ def to_markdown(table: Table, rows: list[RowResult]) -> str:
             + ("; Δ = ours − paper. Known differences from the paper:" if paper else ". Notes:"),
             "",
         ]
-        + [f"- {n}" for n in table.notes]
-        + ([f"- {gen_note}"] if gen_note else [])
+        + [f"- {n}" for n in (*table.notes, *notes)]
     )
     return "\n".join(lines) + "\n"
 

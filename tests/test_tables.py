@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import subprocess
@@ -312,6 +313,40 @@ def test_the_report_states_how_images_were_generated_and_flags_rows_evaluated_di
     md, page = (tmp_path / "tables" / "table3.md").read_text(), (tmp_path / "tables" / "report.html").read_text()
     assert "MIXED GENERATION SETTINGS" in md and "MIXED GENERATION SETTINGS" in page
     assert f"{line} (1 run: with_prior)" in md and "50 steps" in md and "(1 run: no_prior)" in md
+
+
+def _set_training(run: Path, steps: int, num_images: int | None, lr: float = 3e-4) -> None:
+    """What train() writes into a run's config.yaml about its training (the parts the tables' note reads)."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["trainer"] = {"max_steps": steps, "accumulate_grad_batches": 1}
+    cfg["optimizer"] = {"lr": lr}
+    cfg["method"] = {"_target_": "dreambench.methods.DreamBooth"}
+    cfg["data"]["batch_size"] = 1
+    cfg["prior"] = ({"_target_": "dreambench.prior.GeneratedPrior", "weight": 1.0, "num_images": num_images}
+                    if num_images else {"_target_": "dreambench.prior.NoPrior", "weight": 0.0, "num_images": 16})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_the_report_states_how_each_row_was_trained_and_flags_a_row_trained_two_ways(tmp_path):
+    # The paper's notes name its ~1000 class images and 1000 steps; a toy table trains 300 steps on 16: the table
+    # must say what its runs did, from their config.yaml, not what a recipe's default would be.
+    with_prior = [_run(tmp_path, "table3", "with_prior", s, 0, {"dino": 0.6, "pres": 0.3}) for s in ("dog", "cat")]
+    no_prior = _run(tmp_path, "table3", "no_prior", "dog", 0, {"dino": 0.6, "pres": 0.5})
+    for run in with_prior:
+        _set_training(run, 300, 16)
+    _set_training(no_prior, 300, None)
+    tables.render(tmp_path, ["table3"])
+    md, page = (tmp_path / "tables" / "table3.md").read_text(), (tmp_path / "tables" / "report.html").read_text()
+    note = ("Training (each run's config.yaml): With prior loss (λ = 1): 300 steps, lr 0.0003, batch 1, prior loss "
+            "λ 1 on 16 generated class images; Without prior loss (λ = 0): 300 steps, lr 0.0003, batch 1, no prior "
+            "loss.")
+    assert f"- {note}" in md and html.escape(note) in page and "MIXED" not in md
+    _set_training(with_prior[1], 300, 100)  # one subject's run of the row on 100 class images: its mean mixes two
+    tables.render(tmp_path, ["table3"])
+    md, page = (tmp_path / "tables" / "table3.md").read_text(), (tmp_path / "tables" / "report.html").read_text()
+    assert "MIXED TRAINING SETTINGS" in md and "MIXED TRAINING SETTINGS" in page and "Training (each" not in md
+    assert "on 16 generated class images (1 run)" in md and "on 100 generated class images (1 run)" in md
+    assert "Without prior loss" not in md.split("MIXED TRAINING SETTINGS")[1].split("\n")[0]  # only the mixed row
 
 
 def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
