@@ -312,7 +312,8 @@ def _generation(protocol: dict | None) -> str | None:
 
 def _training(cfg: dict) -> str | None:
     """A run's training as the tables' notes state it, from its config.yaml: steps, learning rate (the method's
-    own where it has one, e.g. Textual Inversion's, else the optimizer's), batch, and the prior loss."""
+    own where it has one, e.g. Textual Inversion's, else the optimizer's), batch, the text encoder if trained, and
+    the prior loss."""
     trainer = cfg.get("trainer") or {}
     if "max_steps" not in trainer:
         return None  # not a config train() wrote
@@ -329,6 +330,10 @@ def _training(cfg: dict) -> str | None:
         parts.append(f"lr {float(lr):g}")
     if batch is not None:
         parts.append(f"batch {batch}" + (f" x {accumulate} accumulated" if accumulate > 1 else ""))
+    model = cfg.get("model") or {}
+    if model.get("train_text_encoder"):
+        te_lr = model.get("text_encoder_lr")
+        parts.append("text encoder trained" + (f" (lr {float(te_lr):g})" if te_lr is not None else ""))
     if weight > 0:
         source = "generated" if str(prior.get("_target_", "")).endswith("GeneratedPrior") else "folder"
         n = prior.get("num_images")

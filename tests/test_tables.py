@@ -347,6 +347,14 @@ def test_the_report_states_how_each_row_was_trained_and_flags_a_row_trained_two_
     assert "MIXED TRAINING SETTINGS" in md and "MIXED TRAINING SETTINGS" in page and "Training (each" not in md
     assert "on 16 generated class images (1 run)" in md and "on 100 generated class images (1 run)" in md
     assert "Without prior loss" not in md.split("MIXED TRAINING SETTINGS")[1].split("\n")[0]  # only the mixed row
+    _set_training(with_prior[1], 300, 16)
+    cfg = yaml.safe_load((no_prior / "config.yaml").read_text())
+    cfg["model"].update(train_text_encoder=True, text_encoder_lr=1e-4)
+    (no_prior / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tables.render(tmp_path, ["table3"])
+    md = (tmp_path / "tables" / "table3.md").read_text()
+    assert "Without prior loss (λ = 0): 300 steps, lr 0.0003, batch 1, text encoder trained (lr 0.0001), no prior " \
+           "loss." in md and "MIXED" not in md
 
 
 def test_each_run_is_counted_once_not_again_for_its_hydra_record(tmp_path):
