@@ -182,7 +182,12 @@ def generate_run_images(run: Path, run_cfg: DictConfig, identifier: str, root: P
     old = {}
     if (out / MANIFEST).is_file():
         old = json.loads((out / MANIFEST).read_text())
-    if (not ev.regenerate and old.get("generation") == generation
+    # Where the run folder lies is not part of what made the images: a run moved or copied with its files' times
+    # kept (mv, cp -a, rsync -a, tar) reuses them; its weights are told apart by model_files.
+    def made_the_same(a: dict) -> bool:
+        return {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in generation.items() if k != "model"}
+
+    if (not ev.regenerate and made_the_same(old.get("generation") or {})
             and all((sub / f).is_file() for f in names + cls_names)):
         log.info("%s: reusing %d generated images", run, len(names) + len(cls_names))
         return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,14 @@ def test_run_mode_end_to_end_on_a_tiny_fake_run(env, tmp_path):
 
     # Fixed seeds: a second evaluation reuses the images; regenerating gives the same pixels and numbers.
     before = (images / "00_1.png").stat().st_mtime_ns
+    evaluate(make_cfg(*overrides))
+    assert (images / "00_1.png").stat().st_mtime_ns == before
+    # A run folder moved elsewhere (its files' times kept) is the same run: its images are reused there too.
+    moved = tmp_path / "elsewhere" / "dog-1"
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    run, images = moved, moved / "eval" / "images" / "dog"
+    overrides[1] = f"runs=[{run}]"
     evaluate(make_cfg(*overrides))
     assert (images / "00_1.png").stat().st_mtime_ns == before
     pixels = np.asarray(Image.open(images / "00_1.png"))
