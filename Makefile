@@ -159,11 +159,13 @@ table4-toy: $(STAMP) ## Table 4 on the toy world (CPU)
 
 # All three tables from one set of runs, the shared DreamBooth row trained once (experiments/tables.sh), two
 # single-threaded groups of subjects side by side on a 2-core machine. TOY_SUBJECTS: one subject of each of 8
-# classes, as in docs/TOY_WORLD.md's tables; SUBJECTS= / SEEDS= / JOBS= override.
+# classes, as in docs/TOY_WORLD.md's tables; SUBJECTS= / SEEDS= / JOBS= override, SUBJECTS=all runs all 20 (~75 min
+# on 2 cores); TABLE_ARGS=resume=auto extends an earlier run (its finished runs are left as they are).
 TOY_SUBJECTS := toy_ball1,toy_box1,toy_cup2,toy_house1,toy_tree1,toy_star1,toy_fish1,toy_car1
 toy-tables: toy-world ## Tables 1, 3 and 4 on the toy world, one report (8 subjects x seeds 0,1,2; CPU)
-	SUBJECTS=$${SUBJECTS:-$(TOY_SUBJECTS)} JOBS=$${JOBS:-$$(( $$(nproc) < 2 ? $$(nproc) : 2 ))} \
-	  PY=$(BIN)/python bash experiments/tables.sh --toy
+	S=$${SUBJECTS:-$(TOY_SUBJECTS)}; [ "$$S" = all ] && S=; \
+	SUBJECTS=$$S JOBS=$${JOBS:-$$(( $$(nproc) < 2 ? $$(nproc) : 2 ))} \
+	  PY=$(BIN)/python bash experiments/tables.sh --toy $(TABLE_ARGS)
 
 toolbox-toy: $(STAMP) ## each training switch against DreamBooth with none, on the toy world (docs/TOOLBOX.md; CPU)
 	PY=$(BIN)/python bash experiments/toolbox.sh --toy
