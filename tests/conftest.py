@@ -17,7 +17,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # The suite's pinned numbers (tests/test_families.py's step losses, tests/test_controls.py's bounds) were recorded with
 # AVX2 kernels. On an AVX-512 CPU (AMD Zen 4 here, 2026-12-08) ATen, oneDNN and MKL pick other kernels whose float
-# rounding, carried through the tiny model's sampled class images, moved the step-0 losses by 0.1-3 % and failed
+# rounding, carried through the 800 Adam steps that fit model=tiny's autoencoder when a test session builds it
+# (dreambench/models/tiny.py; its weights differ by instruction set), moved the step-0 losses by 0.1-3 % and failed
 # them at the very commit that had passed CI. Every process of the suite (set before torch is imported; the CLIs the
 # tests start inherit it) uses the AVX2 kernels, which every x86-64 machine the project runs on has; a value the
 # user set wins.

@@ -56,7 +56,9 @@ class Recipe:
     # (0.68 recognised) far better than the classes (0.31). 0 is v3's plain loss.
     object_weight: float = 3.0
     empty_caption: float = 0.1   # share of empty captions (classifier-free guidance)
-    threads: int = 2             # torch threads during the build: a fixed count keeps it deterministic
+    # torch threads during the build: another count reduces floats in another order. Not enough for a build that
+    # is the same on every machine: the tokenizer's merges and the CPU's kernels differ too (docs/TOY_WORLD.md).
+    threads: int = 2
 
     def key(self) -> str:
         from dreambench.world.world import WORLD_VERSION
