@@ -4,6 +4,7 @@ built so that a subject is more than its class."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -117,6 +118,29 @@ def test_the_toy_tokenizer_has_one_token_for_every_word_of_the_world():
     tok = build_tokenizer()
     for word in [*WORDS, *IDENTIFIERS]:
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_the_toy_tokenizer_is_the_same_on_every_build():
+    # HF tokenizers' BpeTrainer gave another vocabulary on every build (ties broken in hash-map order), hence other
+    # token ids and another model=toy from the same recipe; the project's own learner breaks ties by the pair.
+    import json
+    import subprocess
+    import sys
+
+    from dreambench.models.tokenizer import learn_merges
+    from dreambench.models.toy import build_tokenizer
+    vocab = json.dumps(sorted(build_tokenizer().get_vocab().items()))
+    assert all(json.dumps(sorted(build_tokenizer().get_vocab().items())) == vocab for _ in range(4))
+    probe = ("import json; from dreambench.models.toy import build_tokenizer; "
+             "print(json.dumps(sorted(build_tokenizer().get_vocab().items())))")
+    for hash_seed in ("1", "2"):  # other processes, other hash seeds
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout.strip().splitlines()[-1]
+        assert out == vocab
+    # The most frequent pair first; of equally frequent ones, the lexicographically first.
+    assert learn_merges(["cd", "ab", "cd"]) == ["c d</w>", "a b</w>"]
+    assert learn_merges(["cd", "ab"]) == ["a b</w>", "c d</w>"]
+    assert learn_merges(["abc", "abd"]) == ["a b", "ab c</w>", "ab d</w>"]
 
 
 def test_every_subject_of_the_world_has_its_experiment_in_step_with_the_world():

@@ -7,7 +7,6 @@ prompts encode to a handful of tokens and any other text still encodes, characte
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -60,17 +59,43 @@ def tiny_vocab_and_merges(words: list[str] = WORDS) -> tuple[dict[str, int], lis
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
 
-def trained_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """CLIP's byte alphabet plus BPE merges *learned* on `words` (HF tokenizers' BpeTrainer): unlike the merge
-    chains above, whose global ranks let one word's merge cut into another's ("b l" of "black" splits
-    "cobblestone" into 7 tokens), learned merges encode every word of the list as one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def learn_merges(words: list[str]) -> list[str]:
+    """BPE merges learned on `words` until every word is one symbol: each step merges the most frequent adjacent
+    pair (a word counted once per occurrence in `words`, each split as HF's Whitespace pre-tokenizer splits, its
+    last symbol in end-of-word form), and of equally frequent pairs the lexicographically first.
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator(sorted(set(words)), trainers.BpeTrainer(
-        vocab_size=1 << 20, min_frequency=0, end_of_word_suffix="</w>", show_progress=False))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    HF tokenizers' BpeTrainer, used here until 2026-12-08, breaks those ties by ids it hands out in hash-map order,
+    so the same words gave other merges, hence other token ids and another model=toy, on every build
+    (huggingface/tokenizers#1794; 10 builds of the toy tokenizer, 10 vocabularies). The toy world's words nearly
+    all tie (each occurs once), so this small, deterministic learner replaces it."""
+    from collections import Counter
+    from itertools import pairwise
+
+    pieces = Counter(p for w in sorted(words) for p in re.findall(r"\w+|[^\w\s]+", w))
+    seqs = [(list(p[:-1]) + [p[-1] + "</w>"], n) for p, n in sorted(pieces.items())]
+    merges: list[str] = []
+    while True:
+        counts: Counter = Counter()
+        for seq, n in seqs:
+            for pair in pairwise(seq):
+                counts[pair] += n
+        if not counts:
+            return merges
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(f"{a} {b}")
+        for seq, _ in seqs:
+            i = 0
+            while i < len(seq) - 1:
+                if seq[i] == a and seq[i + 1] == b:
+                    seq[i:i + 2] = [a + b]
+                i += 1
+
+
+def trained_vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """CLIP's byte alphabet plus BPE merges *learned* on `words` (`learn_merges`): unlike the merge chains above,
+    whose global ranks let one word's merge cut into another's ("b l" of "black" splits "cobblestone" into 7
+    tokens), learned merges encode every word of the list as one token."""
+    merges = learn_merges(words)
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
     vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]

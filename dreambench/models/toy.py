@@ -57,7 +57,7 @@ class Recipe:
     object_weight: float = 3.0
     empty_caption: float = 0.1   # share of empty captions (classifier-free guidance)
     # torch threads during the build: another count reduces floats in another order. Not enough for a build that
-    # is the same on every machine: the tokenizer's merges and the CPU's kernels differ too (docs/TOY_WORLD.md).
+    # is the same on every machine: the CPU's kernels differ too (docs/TOY_WORLD.md).
     threads: int = 2
 
     def key(self) -> str:
