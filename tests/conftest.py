@@ -22,7 +22,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # them at the very commit that had passed CI. Every process of the suite (set before torch is imported; the CLIs the
 # tests start inherit it) uses the AVX2 kernels, which every x86-64 machine the project runs on has; a value the
 # user set wins.
-for _var, _isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+from dreambench.utils.kernels import AVX2
+
+for _var, _isa in AVX2.items():  # also when a plugin loaded torch first: the commands the tests start inherit it
     os.environ.setdefault(_var, _isa)
 
 

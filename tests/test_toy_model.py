@@ -3,6 +3,8 @@ SD 1.5, named by its recipe; a missing one is one line that says how to build it
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,35 @@ def test_a_toy_model_is_a_diffusers_folder_that_loads_like_sd15(tmp_path):
         std = c.vae.encode(x).latent_dist.mean.std().item()
     assert 2.5 < std < 11, std
     assert len(list(folder.rglob("*.bin"))) == 0 and len(list(folder.rglob("*.safetensors"))) == 3
+    # Which CPU kernels built it (the suite's are AVX2: tests/conftest.py): other kernels, other weights.
+    assert json.loads((folder / "toy.json").read_text())["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_build_command_pins_the_avx2_kernels_before_torch_loads():
+    # A model=toy built on AVX-512 kernels has other weights than one built on AVX2 kernels from the same recipe
+    # (docs/TOY_WORLD.md): `python -m dreambench.world build` pins AVX2 before torch loads, unless the user chose.
+    import platform
+    import subprocess
+    import sys
+    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                              "MKL_ENABLE_INSTRUCTIONS")}
+
+    def run(code: str, **env: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    probe = ("from dreambench.utils.kernels import pin_avx2_kernels; first = pin_avx2_kernels(); import torch; "
+             "print(first, pin_avx2_kernels(), torch.backends.cpu.get_cpu_capability())")
+    # What the build command's build() finds: the variable set, torch not yet loaded.
+    cli = ("import os, sys; import dreambench.world.__main__ as m; "
+           "m.build = lambda *a: print(os.environ.get('ATEN_CPU_CAPABILITY'), 'torch' in sys.modules); "
+           "m.main(['build', '--no-model'])")
+    if platform.machine().lower() not in ("x86_64", "amd64"):  # no AVX2 to pin: nothing is set
+        assert run(probe)[0] == "False" and run(cli) == ["None", "False"]
+        return
+    assert run(probe) == ["True", "False", "AVX2"]  # pinned; once torch is loaded it is too late, and says so
+    assert run(probe, ATEN_CPU_CAPABILITY="default") == ["True", "False", "DEFAULT"]  # the user's choice wins
+    assert run(cli) == ["avx2", "False"]
 
 
 def test_another_recipe_is_another_folder():

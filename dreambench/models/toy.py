@@ -268,7 +268,8 @@ def build_toy_pipeline(recipe: Recipe, progress: bool = True):
     """(the pipeline, a report of the build: times, losses)."""
     from diffusers import StableDiffusionPipeline
 
-    report: dict = {"recipe": asdict(recipe)}
+    # Which CPU kernels built it: the same recipe on other kernels is other weights (dreambench/utils/kernels.py).
+    report: dict = {"recipe": asdict(recipe), "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
     t0 = time.perf_counter()
     images, captions, _, silhouettes = render_members(recipe.world_seed, recipe.members, recipe.resolution, progress)
     report["render_s"] = round(time.perf_counter() - t0, 1)

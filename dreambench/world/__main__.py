@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with exit_on_user_error():
         if args.command == "build":
+            # Before torch is imported: the same recipe built on AVX-512 kernels is other weights (toy.json records
+            # which kernels built a model).
+            from dreambench.utils.kernels import pin_avx2_kernels
+            pin_avx2_kernels()
             build(_cache(args.cache), args.seed, not args.no_model, not args.no_encoders)
         elif args.command == "configs":
             from dreambench.world.world import experiment_yaml, subjects
