@@ -46,8 +46,9 @@ def test_the_build_command_pins_the_avx2_kernels_before_torch_loads():
     import platform
     import subprocess
     import sys
-    clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                              "MKL_ENABLE_INSTRUCTIONS")}
+
+    from dreambench.utils.kernels import AVX2
+    clean = {k: v for k, v in os.environ.items() if k not in AVX2}
 
     def run(code: str, **env: str) -> list[str]:
         return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,

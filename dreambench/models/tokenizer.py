@@ -71,7 +71,7 @@ def learn_merges(words: list[str]) -> list[str]:
     from collections import Counter
     from itertools import pairwise
 
-    pieces = Counter(p for w in sorted(words) for p in re.findall(r"\w+|[^\w\s]+", w))
+    pieces = Counter(p for w in words for p in re.findall(r"\w+|[^\w\s]+", w))
     seqs = [(list(p[:-1]) + [p[-1] + "</w>"], n) for p, n in sorted(pieces.items())]
     merges: list[str] = []
     while True:
